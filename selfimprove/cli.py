@@ -1,0 +1,216 @@
+"""``selfimprove run | status``. ``run`` is a Hydra app; Hydra cannot share argv with subcommands,
+so ``main`` checks the overrides (one-line errors, before anything is written) and then hands a
+rewritten ``sys.argv`` to it."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from selfimprove.registry import ConfigError, unknown_choice
+
+COMMANDS = {
+    "run": "run (or resume) an experiment: selfimprove run [-m] [group=option ...] [key=value ...]",
+    "status": "show which stages of a run directory are done, pending, partial or changed: selfimprove status RUN_DIR",
+}
+GROUP_OVERRIDE = re.compile(r"^[+~]?(?P<group>[\w./-]+?)(@[\w.]+)?=(?P<value>.*)$")
+
+
+def conf_dir() -> Path:
+    from selfimprove.app import CONF_DIR
+
+    return CONF_DIR
+
+
+def group_options() -> dict[str, list[str]]:
+    """Config groups and their options, read from the conf/ tree."""
+    root = conf_dir()
+    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(root.iterdir()) if d.is_dir()}
+
+
+def print_help() -> None:
+    print("selfimprove: an experiment runner for LLM self-improvement research\n")
+    print("commands:")
+    for name, text in COMMANDS.items():
+        print(f"  {name:8s}{text}")
+    print("\nconfig groups (choose with group=option; defaults marked *):")
+    defaults = default_choices()
+    for group, options in group_options().items():
+        shown = [f"{o}*" if defaults.get(group) == o else o for o in options]
+        print(f"  {group:11s}{', '.join(shown)}")
+    print(
+        "\nexamples:\n"
+        "  selfimprove run                                   # the CPU demo: STaR on addition, tiny model\n"
+        "  selfimprove run method.iterations=3 seed=1\n"
+        "  selfimprove run stop_after=iter_01/generate       # stop to inspect samples; rerun to continue\n"
+        "  selfimprove run -m seed=0,1 experiment=star_control,star_rationalize\n"
+        "  selfimprove status outputs/default\n"
+        "  selfimprove run --help                            # Hydra's help: every key with its value"
+    )
+
+
+def default_choices() -> dict[str, str]:
+    import yaml
+
+    text = (conf_dir() / "config.yaml").read_text()
+    out = {}
+    for item in yaml.safe_load(text).get("defaults", []):
+        if isinstance(item, dict):
+            out.update({k: v for k, v in item.items() if isinstance(v, str)})
+    return out
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """``dataset=nope`` (also inside a sweep ``a,b``) -> one line listing the allowed options."""
+    groups = group_options()
+    for arg in overrides:
+        match = GROUP_OVERRIDE.match(arg)
+        if not match or match["group"] not in groups:
+            continue
+        for value in match["value"].split(","):
+            value = value.strip()
+            if value and value != "null" and value not in groups[match["group"]]:
+                raise unknown_choice(f"{match['group']} option", value, groups[match["group"]])
+
+
+def one_line(err: Exception) -> str:
+    """Hydra/OmegaConf errors are multi-line; keep what names the key and the problem."""
+    parts = []
+    for e in (err, err.__cause__):
+        if e is None:
+            continue
+        for line in str(e).splitlines():
+            line = line.strip()
+            if (
+                line
+                and not line.startswith(("object_type", "Set the environment", "To append"))
+                and line not in parts
+            ):
+                parts.append(line)
+    return "; ".join(parts)
+
+
+def compose_each(overrides: list[str]) -> None:
+    """Compose the config once per override value (sweeps expanded one key at a time) so that a
+    wrong type or unknown key is reported before Hydra starts a job."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from selfimprove.config import register_configs
+
+    register_configs()
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    variants: list[list[str]] = [[]]
+    plain_overrides = [
+        o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")
+    ]
+    for o in parsed:
+        if o.is_sweep_override() and not o.key_or_group.startswith("hydra"):
+            variants += [[f"{o.get_key_element()}={v}"] for v in o.sweep_string_iterator()]
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        for extra in variants:
+            compose(config_name="config", overrides=plain_overrides + extra)
+
+
+def sweep_dir(overrides: list[str]) -> str:
+    """multirun/<name of the whole sweep command>, so that the same sweep command resumes."""
+    from selfimprove.app import run_name
+
+    excluded = ("stop_after=", "on_change=", "logger=", "run_dir=", "hydra")
+    kept = sorted(o for o in overrides if not o.startswith(excluded))
+    return f"multirun/{run_name(','.join(kept) if kept else '')}"
+
+
+def run_command(args: list[str]) -> int:
+    hydra_flags = {
+        "-m",
+        "--multirun",
+        "--cfg",
+        "-c",
+        "--help",
+        "-h",
+        "--info",
+        "-i",
+        "--resolve",
+        "--package",
+        "-p",
+    }
+    overrides = [a for a in args if not a.startswith("-") and "=" in a]
+    multirun = "-m" in args or "--multirun" in args
+    if not any(a in ("--help", "-h", "--hydra-help") for a in args) and not any(
+        a.startswith(("--config-dir", "-cd", "--config-path", "-cp")) for a in args
+    ):
+        try:
+            check_group_choices(overrides)
+            compose_each(overrides)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except Exception as err:  # Hydra's composition errors
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return 2
+    extra = []
+    if multirun and not any(o.startswith("hydra.sweep.dir=") for o in overrides):
+        extra.append(f"hydra.sweep.dir={sweep_dir(overrides)}")
+    unknown = [a for a in args if a.startswith("-") and a not in hydra_flags and not a.startswith("--")]
+    if unknown:
+        print(
+            f"error: unknown flag {unknown[0]}; selfimprove run takes Hydra's flags (-m, --cfg, --help, ...)",
+            file=sys.stderr,
+        )
+        return 2
+    from selfimprove.app import hydra_main
+
+    sys.argv = ["selfimprove", *args, *extra]
+    hydra_main()
+    return 0
+
+
+def status_command(args: list[str]) -> int:
+    from omegaconf import OmegaConf
+    from rich.console import Console
+    from rich.table import Table
+
+    from selfimprove.app import plan
+    from selfimprove.config import register_configs
+
+    if len(args) != 1:
+        print("error: usage: selfimprove status RUN_DIR", file=sys.stderr)
+        return 2
+    root = Path(args[0])
+    if not (root / "config.yaml").exists():
+        print(f"error: {root} is not a run directory (no config.yaml)", file=sys.stderr)
+        return 2
+    register_configs()
+    cfg = OmegaConf.load(root / "config.yaml")
+    planned = plan(cfg, root)
+    table = Table(title=str(root))
+    for col in ("stage", "state", "fingerprint"):
+        table.add_column(col)
+    colours = {"done": "green", "pending": "white", "partial": "yellow", "changed": "red"}
+    for s in planned.plan:
+        table.add_row(s.name, f"[{colours[s.state]}]{s.state}[/]", s.fingerprint)
+    console = Console(highlight=False)
+    console.print(table)
+    states = [s.state for s in planned.plan]
+    console.print(", ".join(f"{states.count(k)} {k}" for k in colours if states.count(k)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print_help()
+        return 0
+    command, rest = args[0], args[1:]
+    if command == "run":
+        return run_command(rest)
+    if command == "status":
+        return status_command(rest)
+    print(f"error: {unknown_choice('command', command, list(COMMANDS))}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Typed schemas for the config tree (conf/). Each YAML option extends one of these, so a wrong
+type, a bad enum value or an unknown key fails at composition with the key's name.
+
+Defaults live in the YAML files (with a comment per key); the schemas hold only types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+SCHEMA_PREFIX = "schema_"
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    hf = "hf"
+    vllm = "vllm"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class OnChange(str, Enum):
+    recompute = "recompute"
+    refuse = "refuse"
+
+
+class LoggerKind(str, Enum):
+    none = "none"
+    wandb = "wandb"
+
+
+class WandbMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+# -- model -------------------------------------------------------------------------------------
+@dataclass
+class TinyModel:
+    source: str = MISSING
+    name: str = MISSING
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    intermediate_size: int = MISSING
+    max_position_embeddings: int = MISSING
+    rope_theta: float = MISSING
+
+
+@dataclass
+class HubModel:
+    source: str = MISSING
+    name: str = MISSING
+    name_or_path: str = MISSING
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+# -- dataset -----------------------------------------------------------------------------------
+@dataclass
+class ArithmeticData:
+    name: str = MISSING
+    seed: int = MISSING
+    test_seed: int = MISSING
+    seed_levels: list[int] = MISSING
+    seed_per_level: int = MISSING
+    few_shot_per_level: int = MISSING
+    train_levels: list[int] = MISSING
+    train_per_iteration: int = MISSING
+    test_levels: list[int] = MISSING
+    test_per_level: int = MISSING
+
+
+# -- method ------------------------------------------------------------------------------------
+@dataclass
+class Sampling:
+    n: int = MISSING
+    temperature: float = MISSING
+    top_p: float = MISSING
+    max_tokens: int = MISSING
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Train:
+    steps: int = MISSING
+    steps_growth: int = 0
+    batch_size: int = MISSING
+    grad_accum: int = 1
+    lr: float = MISSING
+    lr_scheduler: str = MISSING
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_length: int = MISSING
+
+
+@dataclass
+class Star:
+    name: str = MISSING
+    iterations: int = MISSING
+    sampling: Sampling = MISSING
+    rationalize: bool = MISSING
+    rationalize_sampling: Sampling = MISSING
+    warmstart_hint_fraction: float = MISSING
+    max_per_prompt: int = MISSING
+    replay_seed_data: bool = MISSING
+    train_on_samples: bool = MISSING
+    restart_from_base: bool = MISSING
+    warmstart: Train = MISSING
+    train: Train = MISSING
+
+
+# -- generator, hardware, logger ---------------------------------------------------------------
+@dataclass
+class Generator:
+    backend: Backend = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
+class Hardware:
+    name: str = MISSING
+    device: Device = MISSING
+    dtype: DType = MISSING
+    num_threads: int | None = None
+
+
+@dataclass
+class Logger:
+    kind: LoggerKind = MISSING
+    project: str = "selfimprove"
+    entity: str | None = None
+    mode: WandbMode = WandbMode.offline
+
+
+# -- top level -------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    model: Any = MISSING
+    dataset: Any = MISSING
+    method: Any = MISSING
+    generator: Any = MISSING
+    hardware: Any = MISSING
+    logger: Any = MISSING
+    experiment: Any = None
+    seed: int = MISSING
+    out_root: str = MISSING
+    run_dir: str | None = None
+    stop_after: str | None = None
+    on_change: OnChange = MISSING
+
+
+GROUP_SCHEMAS = {
+    "model": {"tiny": TinyModel, "hub": HubModel},
+    "dataset": {"arithmetic": ArithmeticData},
+    "method": {"star": Star},
+    "generator": {"generator": Generator},
+    "hardware": {"hardware": Hardware},
+    "logger": {"logger": Logger},
+}
+
+
+def register_configs() -> None:
+    """Put the schemas into Hydra's ConfigStore (as ``<group>/schema_<name>``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, schemas in GROUP_SCHEMAS.items():
+        for name, node in schemas.items():
+            cs.store(group=group, name=f"{SCHEMA_PREFIX}{name}", node=node)

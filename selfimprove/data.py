@@ -1,0 +1,108 @@
+"""Data stages: task prompts, seed demonstrations, hinted prompts and the filtered training set."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from selfimprove import tasks
+from selfimprove.pipeline import Artifact, read_jsonl, stage, write_jsonl
+
+
+@stage(version=1)
+def task_prompts(out: Path, dataset: dict, iteration: int) -> dict:
+    """Stage: the unlabelled train prompts of one iteration (answers only, no rationales)."""
+    records = tasks.load(dataset).train_prompts(iteration)
+    write_jsonl(out / "prompts.jsonl", records)
+    return {"prompts": len(records)}
+
+
+@stage(version=1)
+def seed_data(out: Path, dataset: dict, hint_fraction: float, seed: int) -> dict:
+    """Stage: gold demonstrations for the warm start. With ``hint_fraction`` > 0 a copy of that
+    fraction is written with the answer as a hint in the prompt, so that the model learns to use
+    hints (needed by STaR's rationalization)."""
+    task = tasks.load(dataset)
+    records = task.seed_data()
+    rng = random.Random(seed)
+    hinted = [
+        {**r, "id": r["id"] + "-hint", "prompt": task.hint_prompt(r), "meta": {**r["meta"], "hinted": True}}
+        for r in records
+        if hint_fraction > 0 and rng.random() < hint_fraction
+    ]
+    write_jsonl(out / "train.jsonl", records + hinted)
+    return {"examples": len(records) + len(hinted), "hinted": len(hinted)}
+
+
+@stage(version=1)
+def hint_prompts(out: Path, scored: Artifact, dataset: dict) -> dict:
+    """Stage: prompts that got no correct sample, rewritten with the answer as a hint (STaR's
+    rationalization). The original prompt is kept in ``meta`` so the hint can be dropped later."""
+    task = tasks.load(dataset)
+    solved, failed = set(), {}
+    for r in read_jsonl(scored.file("scored.jsonl")):
+        if r["reward"] == 1.0:
+            solved.add(r["id"])
+        else:
+            failed.setdefault(r["id"], r)
+    records = [
+        {
+            "id": r["id"],
+            "prompt": task.hint_prompt(r),
+            "answer": r["answer"],
+            "meta": {**r["meta"], "unhinted_prompt": r["prompt"]},
+        }
+        for rid, r in failed.items()
+        if rid not in solved
+    ]
+    write_jsonl(out / "prompts.jsonl", records)
+    return {"prompts": len(records)}
+
+
+@stage(version=1)
+def keep_correct(
+    out: Path,
+    scored: list[Artifact],
+    dataset: dict,
+    max_per_prompt: int,
+    replay: Artifact | None,
+    seed: int,
+) -> dict:
+    """Stage: the SFT set of one iteration -- correct samples (hint dropped, cut after the answer,
+    deduplicated, at most ``max_per_prompt`` per prompt) plus the replayed seed demonstrations."""
+    task = tasks.load(dataset)
+    kept: dict[str, list[dict]] = defaultdict(list)
+    seen = set()
+    rationalized = 0
+    for artifact in scored:
+        for r in read_jsonl(artifact.file("scored.jsonl")):
+            if r["reward"] != 1.0:
+                continue
+            prompt = r["meta"].get("unhinted_prompt", r["prompt"])
+            completion = task.clean(r["completion"])
+            if (prompt, completion) in seen or len(kept[r["id"]]) >= max_per_prompt:
+                continue
+            seen.add((prompt, completion))
+            rationalized += "unhinted_prompt" in r["meta"]
+            kept[r["id"]].append(
+                {
+                    "id": r["id"],
+                    "prompt": prompt,
+                    "completion": completion,
+                    "answer": r["answer"],
+                    "meta": r["meta"],
+                }
+            )
+    records = [x for group in kept.values() for x in group]
+    replayed = read_jsonl(replay.file("train.jsonl")) if replay is not None else []
+    data = records + replayed
+    random.Random(seed).shuffle(data)
+    write_jsonl(out / "train.jsonl", data)
+    return {
+        "kept": len(records),
+        "kept_prompts": len(kept),
+        "rationalized": rationalized,
+        "replayed": len(replayed),
+        "examples": len(data),
+    }

@@ -1,0 +1,7 @@
+"""Methods: one file each, reading like the algorithm box of its paper. Selected by ``method.name``."""
+
+from __future__ import annotations
+
+from selfimprove.registry import Registry
+
+METHODS = Registry("method", {"star": "selfimprove.methods.star:star"})

@@ -1,0 +1,103 @@
+"""STaR: Self-Taught Reasoner (Zelikman et al., 2022). docs/methods/star.md maps the paper to this.
+
+M0 <- warm start: SFT on the seed rationales (STaR: the few-shot prompt)
+for n = 1..N:
+    r_i  <- sample k rationales per prompt x_i from M_{n-1}
+    r^_i <- rationalize: for x_i with no correct r_i, sample with the answer as a hint
+    D_n  <- {(x_i, r_i) : answer(r_i) = y_i} U {(x_i, r^_i) : answer(r^_i) = y_i}   (hints dropped)
+    M_n  <- SFT(M_0 if restart_from_base else M_{n-1}, D_n [+ seed replay])
+    evaluate M_n on held-out sets
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from selfimprove.data import hint_prompts, keep_correct, seed_data, task_prompts
+from selfimprove.evaluation import evaluate
+from selfimprove.generation import generate
+from selfimprove.models import init_model
+from selfimprove.pipeline import Run
+from selfimprove.scoring import score
+from selfimprove.training import sft
+
+
+def star(cfg: DictConfig, run: Run) -> None:
+    m, hw, gen = cfg.method, cfg.hardware, cfg.generator
+    hint_fraction = m.warmstart_hint_fraction if m.rationalize else 0.0
+
+    base = run.stage("init", init_model, model=cfg.model, seed=cfg.seed)
+    seeds = run.stage(
+        "warmstart/data", seed_data, dataset=cfg.dataset, hint_fraction=hint_fraction, seed=cfg.seed
+    )
+    model = run.stage(
+        "warmstart/train", sft, model=base, data=seeds, train=m.warmstart, hardware=hw, seed=cfg.seed
+    )
+    run.record(
+        0,
+        run.stage(
+            "warmstart/eval",
+            evaluate,
+            model=model,
+            dataset=cfg.dataset,
+            generator=gen,
+            hardware=hw,
+            seed=cfg.seed,
+        ),
+    )
+    start = model
+
+    for it in run.iterations(m.iterations):
+        seed = cfg.seed * 1000 + it.index
+        prompts = it.stage("prompts", task_prompts, dataset=cfg.dataset, iteration=it.index)
+        samples = it.stage(
+            "generate",
+            generate,
+            model=model,
+            prompts=prompts,
+            sampling=m.sampling,
+            generator=gen,
+            hardware=hw,
+            seed=seed,
+        )
+        scored = [it.stage("score", score, samples=samples, dataset=cfg.dataset)]
+        if m.rationalize:
+            hinted = it.stage("hint_prompts", hint_prompts, scored=scored[0], dataset=cfg.dataset)
+            rationales = it.stage(
+                "rationalize",
+                generate,
+                model=model,
+                prompts=hinted,
+                sampling=m.rationalize_sampling,
+                generator=gen,
+                hardware=hw,
+                seed=seed,
+            )
+            scored.append(it.stage("rationalize_score", score, samples=rationales, dataset=cfg.dataset))
+        data = it.stage(
+            "build",
+            keep_correct,
+            scored=scored if m.train_on_samples else [],
+            dataset=cfg.dataset,
+            max_per_prompt=m.max_per_prompt,
+            replay=seeds if m.replay_seed_data else None,
+            seed=seed,
+        )
+        train = {**m.train, "steps": m.train.steps + m.train.steps_growth * (it.index - 1)}
+        model = it.stage(
+            "train",
+            sft,
+            model=start if m.restart_from_base else model,
+            data=data,
+            train=train,
+            hardware=hw,
+            seed=seed,
+        )
+        run.record(
+            it.index,
+            it.stage(
+                "eval", evaluate, model=model, dataset=cfg.dataset, generator=gen, hardware=hw, seed=seed
+            ),
+            data,
+            scored[0],
+        )

@@ -1,0 +1,146 @@
+"""Models: the tiny local model factory, hub/local models by reference, and loading.
+
+A model artifact is a folder holding either ``model/`` (weights + tokenizer saved with
+``save_pretrained``) or ``model_ref.json`` (a hub id or local path that is loaded on use, so a 7B
+base model is never copied into every run directory).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+from typing import Any
+
+from selfimprove.pipeline import Artifact, stage, write_json_atomic
+from selfimprove.registry import ConfigError, Registry
+
+SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+# Printable ASCII (digits, letters, punctuation, space) and newline: one token per character.
+CHARACTERS = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+
+
+def char_tokenizer():
+    """A character-level tokenizer that round-trips through save/from_pretrained and loads in vLLM."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
+    for ch in CHARACTERS:
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+        padding_side="left",
+        model_max_length=4096,
+    )
+
+
+def build_tiny(model_cfg: dict, out: Path, seed: int) -> dict:
+    """A small Llama with a character tokenizer, initialised deterministically from ``seed``.
+
+    Llama (not Qwen2) because transformers 5 forces Qwen2's own tokenizer class on a qwen2
+    model type and would ignore the character tokenizer.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, heads = model_cfg["hidden_size"], model_cfg["num_heads"]
+    if hidden % heads or hidden // heads not in (32, 64, 128):
+        raise ConfigError(
+            f"model.hidden_size={hidden} / model.num_heads={heads} gives head_dim {hidden / heads:g}; "
+            "use 32, 64 or 128 (vLLM rejects other sizes)"
+        )
+    tokenizer = char_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=model_cfg["intermediate_size"],
+        num_hidden_layers=model_cfg["num_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=model_cfg["max_position_embeddings"],
+        rope_theta=float(model_cfg["rope_theta"]),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+    return {"parameters": sum(p.numel() for p in model.parameters())}
+
+
+def reference_hub(model_cfg: dict, out: Path, seed: int) -> dict:
+    """A hub id or local path, recorded rather than copied; loaded when a stage needs it."""
+    write_json_atomic(
+        out / "model_ref.json",
+        {k: model_cfg.get(k) for k in ("name_or_path", "revision", "trust_remote_code")},
+    )
+    return {}
+
+
+MODEL_SOURCES = Registry(
+    "model source", {"tiny": "selfimprove.models:build_tiny", "hub": "selfimprove.models:reference_hub"}
+)
+
+
+@stage(version=1)
+def init_model(out: Path, model: dict, seed: int) -> dict:
+    """Stage: the starting model of a run."""
+    return MODEL_SOURCES.get(model["source"])(model, out, seed)
+
+
+def model_location(artifact: Artifact | Path) -> tuple[str, dict[str, Any]]:
+    """Where to load a model artifact from: (path or hub id, from_pretrained kwargs)."""
+    folder = artifact.path if isinstance(artifact, Artifact) else Path(artifact)
+    if (folder / "model").exists():
+        return str(folder / "model"), {}
+    ref = json.loads((folder / "model_ref.json").read_text())
+    kwargs = {"trust_remote_code": bool(ref.get("trust_remote_code"))}
+    if ref.get("revision"):
+        kwargs["revision"] = ref["revision"]
+    return ref["name_or_path"], kwargs
+
+
+def torch_dtype(name: str):
+    import torch
+
+    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in allowed:
+        raise ConfigError(f"hardware.dtype='{name}' is not allowed; use one of {', '.join(allowed)}")
+    return allowed[name]
+
+
+def load_model(artifact: Artifact | Path, hardware: dict, for_training: bool = False):
+    """Load (model, tokenizer) from a model artifact onto the configured device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, kwargs = model_location(artifact)
+    tokenizer = AutoTokenizer.from_pretrained(where, padding_side="left", **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(hardware["dtype"]), **kwargs)
+    model.to(resolve_device(hardware["device"]))
+    model.train(for_training)
+    return model, tokenizer
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"hardware.device='{name}' is not allowed; use cpu, cuda or auto")
+    return name

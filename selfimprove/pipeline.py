@@ -1,0 +1,332 @@
+"""Resumable, fingerprinted stages inside a run directory.
+
+The contract (docs: DESIGN.md §2):
+
+- A stage is ``fn(out: Path, **inputs) -> dict | None``. Its **fingerprint** hashes the function's
+  name and version with its inputs; an input that is an :class:`Artifact` contributes its own
+  fingerprint, so a change upstream changes every stage downstream.
+- A stage writes into ``<name>.partial/``, which is renamed to ``<name>/`` when the function
+  returns; ``_DONE.json`` (fingerprint, times, counts, library versions) is written last, atomically.
+  Only a folder whose ``_DONE.json`` carries the expected fingerprint counts as done.
+- Re-running the same command skips (loads) done stages and restarts the first unfinished one. A
+  stage marked ``resumable`` keeps its ``.partial/`` folder across a kill so that it can continue
+  from its own checkpoints; any other stage starts from an empty folder.
+- A done stage whose fingerprint no longer matches is recomputed (``on_change=recompute``, said
+  out loud) or refused (``on_change=refuse``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from selfimprove.registry import ConfigError
+
+DONE = "_DONE.json"
+EVENTS = "events.jsonl"
+METRICS = "metrics.jsonl"
+
+
+class StopRequested(Exception):
+    """Raised after the stage named by ``stop_after`` is done."""
+
+    def __init__(self, stage: str):
+        super().__init__(f"stopped after stage '{stage}'")
+        self.stage = stage
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """The output folder of a stage, identified by its fingerprint."""
+
+    name: str
+    path: Path
+    fingerprint: str
+
+    def file(self, relative: str) -> Path:
+        return self.path / relative
+
+    def done_record(self) -> dict:
+        return json.loads((self.path / DONE).read_text())
+
+    def summary(self) -> dict:
+        """What this stage reports for the per-iteration metrics line: its metrics.json if it
+        wrote one, else the counts it returned."""
+        metrics = self.path / "metrics.json"
+        if metrics.exists():
+            return json.loads(metrics.read_text())
+        return dict(self.done_record().get("counts", {}))
+
+
+def stage(version: int = 1, resumable: bool = False) -> Callable:
+    """Mark a function as a stage. Bump ``version`` when its output for the same inputs changes,
+    so that finished runs recompute it instead of reusing stale artifacts."""
+
+    def mark(fn: Callable) -> Callable:
+        fn.stage_version = version
+        fn.stage_resumable = resumable
+        return fn
+
+    return mark
+
+
+# --------------------------------------------------------------------------------------------
+# Small file helpers shared by every stage.
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plain(value: Any) -> Any:
+    """Config nodes to plain containers, so that they hash and serialise."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True, enum_to_str=True)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def describe(value: Any, artifact: Callable[[Artifact], Any]) -> Any:
+    """A JSON-able view of a stage input; artifacts (also inside lists) are shown by ``artifact``."""
+    if isinstance(value, Artifact):
+        return artifact(value)
+    if isinstance(value, (list, tuple)):
+        return [describe(v, artifact) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return plain(value)
+
+
+def fingerprint_of(fn: Callable, inputs: dict[str, Any]) -> str:
+    def encode(v: Any) -> Any:
+        return describe(v, lambda a: {"artifact": a.fingerprint})
+
+    payload = {
+        "fn": f"{fn.__module__}.{fn.__qualname__}",
+        "version": getattr(fn, "stage_version", 1),
+        "inputs": {k: encode(v) for k, v in sorted(inputs.items())},
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("selfimprove", "torch", "transformers", "trl", "peft", "vllm"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def matches_stop(stop_after: str, name: str) -> bool:
+    """``stop_after`` names a stage fully (iter_01/generate) or by its last part (generate)."""
+    return stop_after == name or stop_after == name.rsplit("/", 1)[-1]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageStatus:
+    name: str
+    fingerprint: str
+    state: str  # done | pending | changed | partial
+
+
+@dataclass
+class Run:
+    """One run directory. Methods call :meth:`stage`; everything else (skip, atomic write,
+    markers, stop_after, events) happens here.
+
+    With ``plan_only`` no stage runs: each call records the stage's status and returns the
+    artifact it would produce, which is how ``selfimprove status`` and the up-front check of
+    ``stop_after`` see the whole pipeline without computing it.
+    """
+
+    root: Path
+    stop_after: str | None = None
+    on_change: str = "recompute"
+    plan_only: bool = False
+    log: Callable[[str], None] = print
+    on_record: Callable[[dict], None] | None = None
+    plan: list[StageStatus] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=lambda: {"computed": 0, "reused": 0})
+    _lock_file: Any = None
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        if self.on_change not in ("recompute", "refuse"):
+            raise ConfigError(f"on_change='{self.on_change}' is not allowed; use 'recompute' or 'refuse'")
+
+    # -- locking: one process per run directory ------------------------------------------------
+    def __enter__(self) -> Run:
+        if not self.plan_only:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(self.root / ".lock", "a+")
+            try:
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(
+                    f"run directory {self.root} is in use by another selfimprove process"
+                ) from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    # -- stages ---------------------------------------------------------------------------------
+    def iterations(self, n: int) -> Iterator[Iteration]:
+        for index in range(1, n + 1):
+            yield Iteration(self, index)
+
+    def stage(self, name: str, fn: Callable, **inputs: Any) -> Artifact:
+        fp = fingerprint_of(fn, inputs)
+        path = self.root / name
+        artifact = Artifact(name=name, path=path, fingerprint=fp)
+        state = self._state(path, fp)
+        if self.plan_only:
+            self.plan.append(StageStatus(name, fp, state))
+            return artifact
+        if state == "done":
+            self.counts["reused"] += 1
+            self._event(name, "reused", fp)
+        else:
+            if state == "changed":
+                old = json.loads((path / DONE).read_text()).get("fingerprint")
+                if self.on_change == "refuse":
+                    raise ConfigError(
+                        f"stage '{name}' in {self.root} was done with other settings "
+                        f"(fingerprint {old}, now {fp}); rerun with on_change=recompute or choose another run directory"
+                    )
+                self.log(
+                    f"[yellow]! {name}: settings changed since it was done ({old} → {fp}); recomputing[/]"
+                )
+            self._compute(name, fn, inputs, path, fp)
+        if self.stop_after is not None and matches_stop(self.stop_after, name):
+            raise StopRequested(name)
+        return artifact
+
+    @staticmethod
+    def _state(path: Path, fp: str) -> str:
+        marker = path / DONE
+        if marker.exists():
+            try:
+                done_fp = json.loads(marker.read_text()).get("fingerprint")
+            except json.JSONDecodeError:
+                done_fp = None
+            return "done" if done_fp == fp else "changed"
+        if path.with_name(path.name + ".partial").exists() or path.exists():
+            return "partial"
+        return "pending"
+
+    def _compute(self, name: str, fn: Callable, inputs: dict, path: Path, fp: str) -> None:
+        partial = path.with_name(path.name + ".partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # a folder without a valid marker: never trust it
+            shutil.rmtree(path)
+        keep = (
+            getattr(fn, "stage_resumable", False)
+            and (partial / ".fingerprint").exists()
+            and ((partial / ".fingerprint").read_text() == fp)
+        )
+        if partial.exists() and not keep:
+            shutil.rmtree(partial)
+        partial.mkdir(exist_ok=True)
+        (partial / ".fingerprint").write_text(fp)
+        self.log(f"[bold cyan]▶ {name}[/]" + (" (continuing from its checkpoint)" if keep else ""))
+        started = time.time()
+        counts = fn(partial, **{k: plain(v) for k, v in inputs.items()}) or {}
+        finished = time.time()
+        (partial / ".fingerprint").unlink()
+        os.replace(partial, path)
+        record = {
+            "stage": name,
+            "fingerprint": fp,
+            "started": started,
+            "finished": finished,
+            "seconds": round(finished - started, 3),
+            "counts": counts,
+            "inputs": {k: describe(v, lambda a: a.name) for k, v in inputs.items()},
+            "versions": library_versions(),
+        }
+        write_json_atomic(path / DONE, record)
+        self.counts["computed"] += 1
+        self._event(name, "computed", fp, seconds=record["seconds"])
+        summary = ", ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, (dict, list)))
+        self.log(f"[green]✓ {name}[/] {record['seconds']:.1f}s" + (f"  {summary}" if summary else ""))
+
+    def _event(self, name: str, action: str, fp: str, **extra: Any) -> None:
+        with open(self.root / EVENTS, "a") as f:
+            f.write(
+                json.dumps({"stage": name, "action": action, "fingerprint": fp, "time": time.time(), **extra})
+                + "\n"
+            )
+
+    # -- per-iteration metrics --------------------------------------------------------------------
+    def record(self, iteration: int, *artifacts: Artifact, **extra: Any) -> dict | None:
+        """Write the metrics line of one iteration from its artifacts. metrics.jsonl is rewritten
+        whole, keyed by iteration, so that a resumed run never duplicates a line."""
+        if self.plan_only:
+            return None
+        row: dict[str, Any] = {"iteration": iteration}
+        for artifact in artifacts:
+            row.update(artifact.summary())
+        row.update(extra)
+        rows = {r["iteration"]: r for r in self.metrics()}
+        rows[iteration] = row
+        write_jsonl(self.root / METRICS, [rows[k] for k in sorted(rows)])
+        if self.on_record is not None:
+            self.on_record(row)
+        return row
+
+    def metrics(self) -> list[dict]:
+        path = self.root / METRICS
+        return read_jsonl(path) if path.exists() else []
+
+
+@dataclass
+class Iteration:
+    run: Run
+    index: int
+
+    @property
+    def prefix(self) -> str:
+        return f"iter_{self.index:02d}"
+
+    def stage(self, name: str, fn: Callable, **inputs: Any) -> Artifact:
+        return self.run.stage(f"{self.prefix}/{name}", fn, **inputs)

@@ -1,0 +1,42 @@
+"""Scoring: apply a task's verifier (TRL's reward-function contract) to sample records."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from selfimprove import tasks
+from selfimprove.pipeline import Artifact, read_jsonl, stage, write_jsonl
+
+
+def score_records(task: tasks.Task, records: list[dict]) -> list[dict]:
+    """Records with ``reward`` filled in; a verifier that cannot judge leaves None."""
+    rewards = task.reward(
+        prompts=[r["prompt"] for r in records],
+        completions=[r["completion"] for r in records],
+        answer=[r["answer"] for r in records],
+        meta=[r.get("meta", {}) for r in records],
+    )
+    return [{**r, "reward": rw} for r, rw in zip(records, rewards)]
+
+
+def coverage(records: list[dict]) -> dict:
+    """Sample accuracy and the fraction of prompts with at least one correct sample."""
+    by_prompt: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        if r["reward"] is not None:
+            by_prompt[r["id"]].append(r["reward"])
+    judged = [x for rs in by_prompt.values() for x in rs]
+    return {
+        "samples": len(records),
+        "sample_accuracy": round(sum(judged) / len(judged), 4) if judged else 0.0,
+        "prompts_solved": round(sum(max(rs) >= 1.0 for rs in by_prompt.values()) / max(1, len(by_prompt)), 4),
+    }
+
+
+@stage(version=1)
+def score(out: Path, samples: Artifact, dataset: dict) -> dict:
+    """Stage: verify every sample; writes scored.jsonl."""
+    scored = score_records(tasks.load(dataset), read_jsonl(samples.file("samples.jsonl")))
+    write_jsonl(out / "scored.jsonl", scored)
+    return coverage(scored)

@@ -1,0 +1,21 @@
+"""Tasks: prompts, reference answers and a verifier, selected by ``dataset.name``.
+
+A task's data is deterministic given its config, and its ``version`` is part of every stage
+fingerprint that reads it (the dataset config is passed to those stages), so a changed prompt
+format never reuses old samples.
+"""
+
+from __future__ import annotations
+
+from selfimprove.registry import Registry
+from selfimprove.tasks.base import Task
+
+TASKS = Registry("dataset", {"arithmetic": "selfimprove.tasks.arithmetic:Arithmetic"})
+
+
+def load(dataset: dict) -> Task:
+    """Build the task named by ``dataset['name']`` from its config."""
+    return TASKS.get(dataset["name"])(dataset)
+
+
+__all__ = ["TASKS", "Task", "load"]

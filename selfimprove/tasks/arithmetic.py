@@ -1,0 +1,124 @@
+"""n-digit addition with a per-digit scratchpad: the embedded CPU task.
+
+    prompt      573+885:
+    completion  3+5+0=08;7+8+0=15;5+8+1=14;ans 1458
+
+Each step adds one digit column (least significant first) plus the carry and writes the two-digit
+sum; the final answer follows ``ans``. The difficulty level is the number of digits per operand.
+Gold rationales exist for the seed levels (and a few exemplars at the train levels, STaR's
+few-shot rationales); train prompts at the harder levels carry only the final answer.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from selfimprove.tasks.base import Task
+
+ANSWER = re.compile(r"ans (\d+)")
+
+
+def rationale(a: int, b: int) -> str:
+    """The gold scratchpad for a + b."""
+    width = max(len(str(a)), len(str(b)))
+    da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
+    steps, carry = [], 0
+    for x, y in zip(da, db):
+        total = int(x) + int(y) + carry
+        steps.append(f"{x}+{y}+{carry}={total:02d}")
+        carry = total // 10
+    return ";".join(steps) + f";ans {a + b}"
+
+
+def extract_answer(completion: str) -> str | None:
+    """The final answer in a completion, or None when it has none (malformed)."""
+    match = ANSWER.search(completion)
+    return match.group(1) if match else None
+
+
+class Arithmetic(Task):
+    version = 1
+
+    # -- data ----------------------------------------------------------------------------------
+    def _operand(self, rng: random.Random, digits: int) -> int:
+        low = 0 if digits == 1 else 10 ** (digits - 1)
+        return rng.randint(low, 10**digits - 1)
+
+    def _record(self, a: int, b: int, digits: int, split: str, index: int, gold: bool = False) -> dict:
+        rec = {
+            "id": f"{split}-{digits}-{index}",
+            "prompt": f"{a}+{b}:",
+            "answer": str(a + b),
+            "meta": {"level": digits, "a": a, "b": b},
+        }
+        if gold:
+            rec["completion"] = rationale(a, b)
+        return rec
+
+    def _test_pairs(self) -> dict[int, list[tuple[int, int]]]:
+        if not hasattr(self, "_test_cache"):
+            cache = {}
+            for digits in self.cfg["test_levels"]:
+                rng = random.Random(f"arithmetic-test-{self.cfg['test_seed']}-{digits}")
+                cache[digits] = [
+                    (self._operand(rng, digits), self._operand(rng, digits))
+                    for _ in range(self.cfg["test_per_level"])
+                ]
+            self._test_cache = cache
+        return self._test_cache
+
+    def _sample(self, rng: random.Random, digits: int, count: int) -> list[tuple[int, int]]:
+        """``count`` problems at one level that are not in the held-out test set."""
+        held_out = (
+            set(self._test_pairs().get(digits, [])) if digits > 1 else set()
+        )  # 1-digit: too few to hold out
+        pool = (10 if digits == 1 else 9 * 10 ** (digits - 1)) ** 2
+        count = min(count, pool - len(held_out))  # distinct problems only (there are 100 1-digit ones)
+        pairs: dict[tuple[int, int], None] = {}
+        while len(pairs) < count:
+            pair = (self._operand(rng, digits), self._operand(rng, digits))
+            if pair not in held_out:
+                pairs[pair] = None
+        return list(pairs)
+
+    def seed_data(self) -> list[dict]:
+        rng = random.Random(f"arithmetic-seed-{self.cfg['seed']}")
+        out = []
+        plan = [(d, self.cfg["seed_per_level"]) for d in self.cfg["seed_levels"]]
+        plan += [(d, self.cfg["few_shot_per_level"]) for d in self.cfg["train_levels"]]
+        for digits, count in plan:
+            for a, b in self._sample(rng, digits, count):
+                out.append(self._record(a, b, digits, "seed", len(out), gold=True))
+        return out
+
+    def train_prompts(self, iteration: int) -> list[dict]:
+        rng = random.Random(f"arithmetic-train-{self.cfg['seed']}-{iteration}")
+        out = []
+        for digits in self.cfg["train_levels"]:
+            for a, b in self._sample(rng, digits, self.cfg["train_per_iteration"]):
+                out.append(self._record(a, b, digits, f"train{iteration}", len(out)))
+        return out
+
+    def test_sets(self) -> dict[str, list[dict]]:
+        return {
+            str(digits): [self._record(a, b, digits, "test", i) for i, (a, b) in enumerate(pairs)]
+            for digits, pairs in self._test_pairs().items()
+        }
+
+    # -- verification ----------------------------------------------------------------------------
+    def reward(
+        self, prompts: list[str], completions: list[str], answer: list[str], **columns
+    ) -> list[float | None]:
+        return [1.0 if extract_answer(c) == str(a) else 0.0 for c, a in zip(completions, answer)]
+
+    def clean(self, completion: str) -> str:
+        match = ANSWER.search(completion)
+        return completion[: match.end()] if match else completion
+
+    def hint_prompt(self, record: dict) -> str:
+        return f"{record['prompt'][:-1]}|{record['answer']}:"
+
+    def max_new_tokens(self, record: dict) -> int:
+        digits = max(len(str(record["meta"]["a"])), len(str(record["meta"]["b"])))
+        return 10 * digits + 12

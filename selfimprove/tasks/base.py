@@ -1,0 +1,49 @@
+"""The Task interface every dataset implements.
+
+Records are plain dicts: ``id``, ``prompt``, ``answer`` (the reference final answer), ``meta``
+(e.g. ``{"level": 3}``), and for gold data ``completion``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class Task(ABC):
+    #: bump when prompts, answers or the verifier change; it feeds the stage fingerprints
+    version: int = 1
+
+    def __init__(self, cfg: dict):
+        self.cfg = dict(cfg)
+
+    @abstractmethod
+    def seed_data(self) -> list[dict]:
+        """Gold demonstrations (prompt + completion) for the warm start."""
+
+    @abstractmethod
+    def train_prompts(self, iteration: int) -> list[dict]:
+        """Unlabelled prompts (answer only, no rationale) for one self-improvement iteration."""
+
+    @abstractmethod
+    def test_sets(self) -> dict[str, list[dict]]:
+        """Held-out prompts per difficulty, never seen in training."""
+
+    @abstractmethod
+    def reward(
+        self, prompts: list[str], completions: list[str], answer: list[str], **columns
+    ) -> list[float | None]:
+        """TRL's reward-function contract: one score per completion; None means "cannot judge"."""
+
+    def clean(self, completion: str) -> str:
+        """The completion as it should be trained on (e.g. cut after the final answer)."""
+        return completion
+
+    def hint_prompt(self, record: dict) -> str:
+        """The prompt with the reference answer as a hint, for STaR's rationalization."""
+        raise NotImplementedError(
+            f"task '{self.cfg.get('name')}' has no hint format, so method.rationalize must be false"
+        )
+
+    def max_new_tokens(self, record: dict) -> int:
+        """A generous completion budget for this record."""
+        return int(self.cfg.get("max_new_tokens", 256))

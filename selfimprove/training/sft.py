@@ -1,0 +1,97 @@
+"""Supervised fine-tuning with TRL's SFTTrainer on prompt/completion records (completion-only loss)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from selfimprove.models import load_model, resolve_device
+from selfimprove.pipeline import Artifact, read_jsonl, stage
+
+
+def trainer_args(train: dict, hardware: dict, out: Path, seed: int) -> dict:
+    """TrainingArguments shared by every TRL adapter. CPU needs bf16 and gradient checkpointing off
+    (both default on in TRL 1.16; bf16 raises on CPU)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    on_cpu = resolve_device(hardware["device"]) == "cpu"
+    # transformers >= 5.2x renamed gradient_checkpointing (TRL still defaults the old name to True)
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    checkpointing = (
+        "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    )
+    return dict(
+        **{checkpointing: False},
+        output_dir=str(out / "trainer"),
+        max_steps=train["steps"],
+        per_device_train_batch_size=train["batch_size"],
+        gradient_accumulation_steps=train["grad_accum"],
+        learning_rate=train["lr"],
+        lr_scheduler_type=train["lr_scheduler"],
+        warmup_steps=int(train["warmup_ratio"] * train["steps"]),
+        weight_decay=train["weight_decay"],
+        logging_steps=max(1, train["steps"] // 10),
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        bf16=hardware["dtype"] == "bfloat16" and not on_cpu,
+        dataloader_pin_memory=False,
+        use_cpu=on_cpu,
+        disable_tqdm=True,
+    )
+
+
+class ProgressLines:
+    """A TrainerCallback printing one short line per logging step (instead of raw log dicts)."""
+
+    def __init__(self, say=print):
+        self.say = say
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.say(f"    step {state.global_step}/{state.max_steps}  loss {float(logs['loss']):.4f}")
+
+
+def quiet_trainer(trainer) -> None:
+    """Swap the trainer's dict-printing callbacks for ProgressLines."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(type("ProgressLinesCallback", (ProgressLines, TrainerCallback), {})())
+
+
+def save_trained(trainer, tokenizer, out: Path) -> dict:
+    """Save the final weights as a Hugging Face folder and keep the loss curve; drop the rest."""
+    trainer.save_model(str(out / "model"))
+    tokenizer.save_pretrained(out / "model")
+    history = trainer.state.log_history
+    (out / "log_history.json").write_text(json.dumps(history, indent=1))
+    shutil.rmtree(out / "trainer", ignore_errors=True)
+    losses = [h["loss"] for h in history if "loss" in h]
+    return {"steps": trainer.state.global_step, "final_loss": round(losses[-1], 4) if losses else None}
+
+
+@stage(version=1)
+def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict, seed: int) -> dict:
+    """Stage: fine-tune ``model`` on ``data``'s prompt/completion records; writes model/."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    records = read_jsonl(data.file("train.jsonl"))
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
+    torch.manual_seed(seed)
+    lm, tokenizer = load_model(model, hardware, for_training=True)
+    config = SFTConfig(
+        **trainer_args(train, hardware, out, seed), max_length=train["max_length"], packing=False
+    )
+    trainer = SFTTrainer(model=lm, args=config, train_dataset=dataset, processing_class=tokenizer)
+    quiet_trainer(trainer)
+    trainer.train()
+    return {"examples": len(records), **save_trained(trainer, tokenizer, out)}

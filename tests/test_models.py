@@ -1,0 +1,45 @@
+"""The tiny local model: character tokenizer round trip, deterministic build, vLLM-loadable shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from selfimprove.models import build_tiny, char_tokenizer
+from selfimprove.registry import ConfigError
+from tests.conftest import compose_cfg
+
+
+def tiny_model_cfg(**changes):
+    cfg = dict(compose_cfg([]).model)
+    cfg.update(changes)
+    return cfg
+
+
+def test_character_tokenizer_round_trips_through_save_and_load(tmp_path):
+    tok = char_tokenizer()
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "573+885: 3+5+0=08; ans 1458\nHello, World!"
+    ids = loaded(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text), "one token per character"
+    assert loaded.decode(ids) == text, "spaces and newlines survive"
+    assert loaded.padding_side == "left" and loaded.eos_token == "</s>"
+
+
+def test_tiny_model_is_deterministic_and_loads_with_from_pretrained(tmp_path):
+    counts = build_tiny(tiny_model_cfg(), tmp_path / "a", seed=3)
+    build_tiny(tiny_model_cfg(), tmp_path / "b", seed=3)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "model")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "model")
+    assert a.config.model_type == "llama" and a.config.head_dim == 32
+    assert counts["parameters"] == sum(p.numel() for p in a.parameters()) < 1_000_000
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert (tmp_path / "a" / "model" / "model.safetensors").exists()
+
+
+def test_head_dim_that_vllm_rejects_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="head_dim 16"):
+        build_tiny(tiny_model_cfg(hidden_size=64, num_heads=4), tmp_path, seed=0)
