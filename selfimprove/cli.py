@@ -119,7 +119,7 @@ def sweep_dir(overrides: list[str]) -> str:
 
     excluded = ("stop_after=", "on_change=", "logger=", "run_dir=", "hydra")
     kept = sorted(o for o in overrides if not o.startswith(excluded))
-    return f"multirun/{run_name(','.join(kept) if kept else '')}"
+    return f"multirun/{run_name(','.join(kept) if kept else '')}".replace("'", "")
 
 
 def run_command(args: list[str]) -> int:
@@ -152,7 +152,7 @@ def run_command(args: list[str]) -> int:
             return 2
     extra = []
     if multirun and not any(o.startswith("hydra.sweep.dir=") for o in overrides):
-        extra.append(f"hydra.sweep.dir={sweep_dir(overrides)}")
+        extra.append(f"hydra.sweep.dir='{sweep_dir(overrides)}'")  # quoted: the name holds '=' and ','"
     unknown = [a for a in args if a.startswith("-") and a not in hydra_flags and not a.startswith("--")]
     if unknown:
         print(

@@ -184,6 +184,7 @@ class Run:
     plan: list[StageStatus] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: {"computed": 0, "reused": 0})
     _lock_file: Any = None
+    _stopped_after: str | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -215,6 +216,8 @@ class Run:
             yield Iteration(self, index)
 
     def stage(self, name: str, fn: Callable, **inputs: Any) -> Artifact:
+        if self._stopped_after is not None:  # raised here, not at once, so the method can record metrics
+            raise StopRequested(self._stopped_after)
         fp = fingerprint_of(fn, inputs)
         path = self.root / name
         artifact = Artifact(name=name, path=path, fingerprint=fp)
@@ -238,7 +241,7 @@ class Run:
                 )
             self._compute(name, fn, inputs, path, fp)
         if self.stop_after is not None and matches_stop(self.stop_after, name):
-            raise StopRequested(name)
+            self._stopped_after = name
         return artifact
 
     @staticmethod

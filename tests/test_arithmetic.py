@@ -15,18 +15,18 @@ def task():
 
 
 def test_rationale_adds_column_by_column_with_carries():
-    assert rationale(573, 885) == "3+5+0=08;7+8+0=15;5+8+1=14;ans 1458"
-    assert rationale(9, 9) == "9+9+0=18;ans 18"
-    assert rationale(0, 0) == "0+0+0=00;ans 0"
+    assert rationale(573, 885) == "573+885:3+5+0=08;57+88:7+8+0=15;5+8:5+8+1=14;ans 1458"
+    assert rationale(9, 9) == "9+9:9+9+0=18;ans 18"
+    assert rationale(0, 0) == "0+0:0+0+0=00;ans 0"
 
 
 @pytest.mark.parametrize(
     ("completion", "reward"),
     [
-        ("3+5+0=08;7+8+0=15;5+8+1=14;ans 1458", 1.0),
+        ("573+885:3+5+0=08;57+88:7+8+0=15;5+8:5+8+1=14;ans 1458", 1.0),
         ("ans 1458", 1.0),  # the verifier checks the answer, not the steps
         ("3+5+0=08;ans 1458;ans 1459", 1.0),  # the first answer counts
-        ("3+5+0=08;7+8+0=15;5+8+1=14;ans 1459", 0.0),
+        ("573+885:3+5+0=08;57+88:7+8+0=15;5+8:5+8+1=14;ans 1459", 0.0),
         ("", 0.0),
         ("ans ", 0.0),
         ("ans -1458", 0.0),
@@ -61,7 +61,9 @@ def test_train_prompts_have_answers_but_no_rationales(task):
 def test_seed_data_is_gold_and_only_few_exemplars_at_the_hard_level(task):
     seeds = task.seed_data()
     levels = [s["meta"]["level"] for s in seeds]
-    assert levels.count(1) == levels.count(2) == 1000 and levels.count(3) == 32
+    assert (
+        levels.count(1) == 100 and levels.count(2) == 1000 and levels.count(3) == 32
+    )  # 100 distinct 1-digit sums
     assert all(s["completion"] == rationale(s["meta"]["a"], s["meta"]["b"]) for s in seeds)
 
 
@@ -78,3 +80,18 @@ def test_held_out_sets_are_disjoint_from_training_and_fixed(task):
 def test_unknown_dataset_name_lists_available():
     with pytest.raises(ValueError, match="unknown dataset 'gsm9k'.*available: arithmetic"):
         tasks.load({"name": "gsm9k"})
+
+
+def test_task_code_version_feeds_stage_fingerprints():
+    from selfimprove.data import task_prompts
+    from selfimprove.pipeline import fingerprint_of
+    from selfimprove.tasks.arithmetic import Arithmetic
+
+    dataset = compose_cfg([]).dataset
+    before = fingerprint_of(task_prompts, {"dataset": tasks.spec(dataset), "iteration": 1})
+    Arithmetic.version += 1
+    try:
+        after = fingerprint_of(task_prompts, {"dataset": tasks.spec(dataset), "iteration": 1})
+    finally:
+        Arithmetic.version -= 1
+    assert before != after

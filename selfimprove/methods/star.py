@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from selfimprove import tasks
 from selfimprove.data import hint_prompts, keep_correct, seed_data, task_prompts
 from selfimprove.evaluation import evaluate
 from selfimprove.generation import generate
@@ -24,11 +25,12 @@ from selfimprove.training import sft
 
 def star(cfg: DictConfig, run: Run) -> None:
     m, hw, gen = cfg.method, cfg.hardware, cfg.generator
+    dataset = tasks.spec(cfg.dataset)
     hint_fraction = m.warmstart_hint_fraction if m.rationalize else 0.0
 
     base = run.stage("init", init_model, model=cfg.model, seed=cfg.seed)
     seeds = run.stage(
-        "warmstart/data", seed_data, dataset=cfg.dataset, hint_fraction=hint_fraction, seed=cfg.seed
+        "warmstart/data", seed_data, dataset=dataset, hint_fraction=hint_fraction, seed=cfg.seed
     )
     model = run.stage(
         "warmstart/train", sft, model=base, data=seeds, train=m.warmstart, hardware=hw, seed=cfg.seed
@@ -39,7 +41,7 @@ def star(cfg: DictConfig, run: Run) -> None:
             "warmstart/eval",
             evaluate,
             model=model,
-            dataset=cfg.dataset,
+            dataset=dataset,
             generator=gen,
             hardware=hw,
             seed=cfg.seed,
@@ -49,7 +51,7 @@ def star(cfg: DictConfig, run: Run) -> None:
 
     for it in run.iterations(m.iterations):
         seed = cfg.seed * 1000 + it.index
-        prompts = it.stage("prompts", task_prompts, dataset=cfg.dataset, iteration=it.index)
+        prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
         samples = it.stage(
             "generate",
             generate,
@@ -60,9 +62,9 @@ def star(cfg: DictConfig, run: Run) -> None:
             hardware=hw,
             seed=seed,
         )
-        scored = [it.stage("score", score, samples=samples, dataset=cfg.dataset)]
+        scored = [it.stage("score", score, samples=samples, dataset=dataset)]
         if m.rationalize:
-            hinted = it.stage("hint_prompts", hint_prompts, scored=scored[0], dataset=cfg.dataset)
+            hinted = it.stage("hint_prompts", hint_prompts, scored=scored[0], dataset=dataset)
             rationales = it.stage(
                 "rationalize",
                 generate,
@@ -73,12 +75,12 @@ def star(cfg: DictConfig, run: Run) -> None:
                 hardware=hw,
                 seed=seed,
             )
-            scored.append(it.stage("rationalize_score", score, samples=rationales, dataset=cfg.dataset))
+            scored.append(it.stage("rationalize_score", score, samples=rationales, dataset=dataset))
         data = it.stage(
             "build",
             keep_correct,
             scored=scored if m.train_on_samples else [],
-            dataset=cfg.dataset,
+            dataset=dataset,
             max_per_prompt=m.max_per_prompt,
             replay=seeds if m.replay_seed_data else None,
             seed=seed,
@@ -95,9 +97,7 @@ def star(cfg: DictConfig, run: Run) -> None:
         )
         run.record(
             it.index,
-            it.stage(
-                "eval", evaluate, model=model, dataset=cfg.dataset, generator=gen, hardware=hw, seed=seed
-            ),
+            it.stage("eval", evaluate, model=model, dataset=dataset, generator=gen, hardware=hw, seed=seed),
             data,
             scored[0],
         )

@@ -13,9 +13,17 @@ from selfimprove.tasks.base import Task
 TASKS = Registry("dataset", {"arithmetic": "selfimprove.tasks.arithmetic:Arithmetic"})
 
 
+def spec(dataset: dict) -> dict:
+    """The dataset config plus the task's code version: what stages that read the task receive,
+    so that a changed prompt format or verifier changes their fingerprints."""
+    from selfimprove.pipeline import plain
+
+    return {**plain(dataset), "task_version": TASKS.get(dataset["name"]).version}
+
+
 def load(dataset: dict) -> Task:
     """Build the task named by ``dataset['name']`` from its config."""
     return TASKS.get(dataset["name"])(dataset)
 
 
-__all__ = ["TASKS", "Task", "load"]
+__all__ = ["TASKS", "Task", "load", "spec"]

@@ -1,10 +1,12 @@
 """n-digit addition with a per-digit scratchpad: the embedded CPU task.
 
     prompt      573+885:
-    completion  3+5+0=08;7+8+0=15;5+8+1=14;ans 1458
+    completion  573+885:3+5+0=08;57+88:7+8+0=15;5+8:5+8+1=14;ans 1458
 
-Each step adds one digit column (least significant first) plus the carry and writes the two-digit
-sum; the final answer follows ``ans``. The difficulty level is the number of digits per operand.
+Each step restates what is left of the operands, then adds their last digits (least significant
+first) plus the carry and writes the two-digit sum; the final answer follows ``ans``. Restating
+keeps every step local (the digits to add are always the last ones just written), which is what
+lets a tiny model trained on 1-2 digits get some 3-digit problems right at all. The difficulty level is the number of digits per operand.
 Gold rationales exist for the seed levels (and a few exemplars at the train levels, STaR's
 few-shot rationales); train prompts at the harder levels carry only the final answer.
 """
@@ -24,9 +26,11 @@ def rationale(a: int, b: int) -> str:
     width = max(len(str(a)), len(str(b)))
     da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
     steps, carry = [], 0
+    ra, rb = str(a).zfill(width), str(b).zfill(width)
     for x, y in zip(da, db):
         total = int(x) + int(y) + carry
-        steps.append(f"{x}+{y}+{carry}={total:02d}")
+        steps.append(f"{ra}+{rb}:{x}+{y}+{carry}={total:02d}")
+        ra, rb = ra[:-1], rb[:-1]
         carry = total // 10
     return ";".join(steps) + f";ans {a + b}"
 
@@ -38,7 +42,7 @@ def extract_answer(completion: str) -> str | None:
 
 
 class Arithmetic(Task):
-    version = 1
+    version = 2
 
     # -- data ----------------------------------------------------------------------------------
     def _operand(self, rng: random.Random, digits: int) -> int:
@@ -121,4 +125,4 @@ class Arithmetic(Task):
 
     def max_new_tokens(self, record: dict) -> int:
         digits = max(len(str(record["meta"]["a"])), len(str(record["meta"]["b"])))
-        return 10 * digits + 12
+        return digits * (2 * digits + 12) + 12
