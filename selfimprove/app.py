@@ -40,6 +40,13 @@ def run_dir_of(cfg: DictConfig) -> Path:
     raise ConfigError("run_dir is not set; pass run_dir=PATH when calling run(cfg) outside the CLI")
 
 
+def command_overrides() -> list[str]:
+    """The overrides of the command that made this run (empty outside the Hydra CLI)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def plan(cfg: DictConfig, root: Path) -> Run:
     """Walk the method without computing anything: the list of stages and their states."""
     planner = Run(
@@ -112,6 +119,7 @@ def run(cfg: DictConfig) -> list[dict]:
     console.print(f"[bold]run directory:[/] {root}  ({done}/{len(planned.plan)} stages already done)")
     root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(root / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    write_text_atomic(root / "overrides.yaml", OmegaConf.to_yaml(command_overrides()))
     tracker = Tracker(cfg, root)
     started = time.time()
     with Run(

@@ -118,6 +118,7 @@ class Star:
     rationalize: bool = MISSING
     rationalize_sampling: Sampling = MISSING
     warmstart_hint_fraction: float = MISSING
+    accumulate: bool = MISSING
     max_per_prompt: int = MISSING
     replay_seed_data: bool = MISSING
     train_on_samples: bool = MISSING

@@ -47,7 +47,7 @@ def star(cfg: DictConfig, run: Run) -> None:
             seed=cfg.seed,
         ),
     )
-    start = model
+    start, found = model, []
 
     for it in run.iterations(m.iterations):
         seed = cfg.seed * 1000 + it.index
@@ -76,10 +76,11 @@ def star(cfg: DictConfig, run: Run) -> None:
                 seed=seed,
             )
             scored.append(it.stage("rationalize_score", score, samples=rationales, dataset=dataset))
+        found = (found if m.accumulate else []) + scored
         data = it.stage(
             "build",
             keep_correct,
-            scored=scored if m.train_on_samples else [],
+            scored=found if m.train_on_samples else [],
             dataset=dataset,
             max_per_prompt=m.max_per_prompt,
             replay=seeds if m.replay_seed_data else None,
