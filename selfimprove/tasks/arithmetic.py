@@ -25,11 +25,13 @@ def rationale(a: int, b: int) -> str:
     """The gold scratchpad for a + b."""
     width = max(len(str(a)), len(str(b)))
     da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
-    steps, carry = [], 0
+    steps, carry, partial = [], 0, ""
     ra, rb = str(a).zfill(width), str(b).zfill(width)
-    for x, y in zip(da, db):
+    for k, (x, y) in enumerate(zip(da, db)):
         total = int(x) + int(y) + carry
-        steps.append(f"{ra}+{rb}:{x}+{y}+{carry}={total:02d}")
+        partial = str(total % 10) + partial
+        restated = f"{ra}+{rb}:" if k else ""  # the prompt itself states the operands for step 1
+        steps.append(f"{restated}{x}+{y}+{carry}={total:02d}|{partial}")
         ra, rb = ra[:-1], rb[:-1]
         carry = total // 10
     return ";".join(steps) + f";ans {a + b}"
@@ -42,7 +44,7 @@ def extract_answer(completion: str) -> str | None:
 
 
 class Arithmetic(Task):
-    version = 2
+    version = 3
 
     # -- data ----------------------------------------------------------------------------------
     def _operand(self, rng: random.Random, digits: int) -> int:
