@@ -13,6 +13,8 @@ The contract (docs: DESIGN.md §2):
   from its own checkpoints; any other stage starts from an empty folder.
 - A done stage whose fingerprint no longer matches is recomputed (``on_change=recompute``, said
   out loud) or refused (``on_change=refuse``).
+- With a ``store`` (selfimprove/store.py) a stage that another run already computed with the same
+  fingerprint is linked into this run directory instead (event ``shared``), under the same contract.
 """
 
 from __future__ import annotations
