@@ -207,6 +207,7 @@ def plot(table: list[dict], metrics: list[str], out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written = []
     for metric in metrics:
@@ -224,6 +225,7 @@ def plot(table: list[dict], metrics: list[str], out: Path) -> list[Path]:
             lo = [m - s for m, s in zip(mean, std)]
             hi = [m + s for m, s in zip(mean, std)]
             ax.fill_between(its, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("iteration (0 = warm start)")
         ax.set_ylabel(metric)
         ax.set_title(metric)
