@@ -13,6 +13,7 @@ from selfimprove.generation import resolve_backend
 from selfimprove.methods import METHODS
 from selfimprove.pipeline import Run, StopRequested, matches_stop, write_text_atomic
 from selfimprove.registry import ConfigError
+from selfimprove.store import Store
 from selfimprove.tracking import Tracker
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -45,6 +46,16 @@ def command_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def sweep_name() -> str | None:
+    """The sweep directory's name for a job of a ``-m`` sweep (its wandb group), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return None
 
 
 def plan(cfg: DictConfig, root: Path) -> Run:
@@ -120,10 +131,16 @@ def run(cfg: DictConfig) -> list[dict]:
     root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(root / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_text_atomic(root / "overrides.yaml", OmegaConf.to_yaml(command_overrides()))
-    tracker = Tracker(cfg, root)
+    tracker = Tracker(cfg, root, group=sweep_name())
+    store = Store(cfg.store_dir or root.parent / ".store") if cfg.store else None
     started = time.time()
     with Run(
-        root, stop_after=cfg.stop_after, on_change=planned.on_change, log=console.print, on_record=tracker.log
+        root,
+        stop_after=cfg.stop_after,
+        on_change=planned.on_change,
+        log=console.print,
+        on_record=tracker.log,
+        store=store,
     ) as r:
         try:
             METHODS.get(cfg.method.name)(cfg, r)
@@ -136,7 +153,8 @@ def run(cfg: DictConfig) -> list[dict]:
     tracker.close()
     print_table(console, rows)
     console.print(
-        f"{counts['computed']} stages computed, {counts['reused']} reused, {time.time() - started:.0f}s; run directory: {root}"
+        f"{counts['computed']} stages computed, {counts['reused']} reused, {counts['shared']} shared, "
+        f"{time.time() - started:.0f}s; run directory: {root}"
     )
     return rows
 

@@ -4,6 +4,7 @@ rewritten ``sys.argv`` to it."""
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from selfimprove.registry import ConfigError, unknown_choice
 
 COMMANDS = {
     "run": "run (or resume) an experiment: selfimprove run [-m] [group=option ...] [key=value ...]",
+    "report": "tables (md, latex, csv) and plots of a run or sweep directory: selfimprove report PATH [--format md] [--out DIR]",
     "status": "show which stages of a run directory are done, pending, partial or changed: selfimprove status RUN_DIR",
 }
 GROUP_OVERRIDE = re.compile(r"^[+~]?(?P<group>[\w./-]+?)(@[\w.]+)?=(?P<value>.*)$")
@@ -46,6 +48,7 @@ def print_help() -> None:
         "  selfimprove run stop_after=iter_01/generate       # stop to inspect samples; rerun to continue\n"
         "  selfimprove run -m seed=0,1 experiment=star_control,star_rationalize\n"
         "  selfimprove status outputs/default\n"
+        "  selfimprove report multirun/experiment=star_table --format latex\n"
         "  selfimprove run --help                            # Hydra's help: every key with its value"
     )
 
@@ -117,7 +120,7 @@ def sweep_dir(overrides: list[str]) -> str:
     """multirun/<name of the whole sweep command>, so that the same sweep command resumes."""
     from selfimprove.app import run_name
 
-    excluded = ("stop_after=", "on_change=", "logger=", "run_dir=", "hydra")
+    excluded = ("stop_after=", "on_change=", "logger=", "run_dir=", "store=", "store_dir=", "hydra")
     kept = sorted(o for o in overrides if not o.startswith(excluded))
     return f"multirun/{run_name(','.join(kept) if kept else '')}".replace("'", "")
 
@@ -198,6 +201,36 @@ def status_command(args: list[str]) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def report_command(args: list[str]) -> int:
+    from selfimprove.report import FORMATS, report
+
+    parser = OneLineParser(prog="selfimprove report", description=COMMANDS["report"])
+    parser.add_argument("path", type=Path, help="a run directory or a sweep directory")
+    parser.add_argument("--format", default="md", help=f"table format: {', '.join(FORMATS)}")
+    parser.add_argument(
+        "--out", type=Path, help="folder for the table file and the PNGs (default PATH/report)"
+    )
+    parser.add_argument("--metrics", help="comma-separated metrics, overriding the config's report.columns")
+    parser.add_argument("--iterations", help="comma-separated iterations (integers, first, last)")
+    ns = parser.parse_args(args)
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
+    try:
+        text, plots = report(ns.path, ns.format, ns.out, split(ns.metrics), split(ns.iterations))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    for p in plots:
+        print(f"plot: {p}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -208,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(rest)
     if command == "status":
         return status_command(rest)
+    if command == "report":
+        return report_command(rest)
     print(f"error: {unknown_choice('command', command, list(COMMANDS))}", file=sys.stderr)
     return 2
 

@@ -87,6 +87,18 @@ class ArithmeticData:
     test_per_level: int = MISSING
 
 
+@dataclass
+class ReversedAdditionData:
+    name: str = MISSING
+    seed: int = MISSING
+    test_seed: int = MISSING
+    seed_levels: list[int] = MISSING
+    seed_per_level: int = MISSING
+    train_per_iteration: int = MISSING
+    test_levels: list[int] = MISSING
+    test_per_level: int = MISSING
+
+
 # -- method ------------------------------------------------------------------------------------
 @dataclass
 class Sampling:
@@ -127,6 +139,34 @@ class Star:
     train: Train = MISSING
 
 
+@dataclass
+class LengthGen:
+    name: str = MISSING
+    rounds: int = MISSING
+    labelling: Sampling = MISSING
+    vote: bool = MISSING
+    warmstart: Train = MISSING
+    train: Train = MISSING
+
+
+# -- report ------------------------------------------------------------------------------------
+@dataclass
+class ReportColumn:
+    metric: str = MISSING
+    iteration: Any = MISSING  # an integer, first or last
+    title: str | None = None
+    minus: Any = None
+
+
+@dataclass
+class Report:
+    title: str | None = MISSING
+    columns: list[ReportColumn] | None = MISSING
+    plots: list[str] | None = MISSING
+    scale: float = MISSING
+    decimals: int = MISSING
+
+
 # -- generator, hardware, logger ---------------------------------------------------------------
 @dataclass
 class Generator:
@@ -165,12 +205,15 @@ class Config:
     run_dir: str | None = None
     stop_after: str | None = None
     on_change: OnChange = MISSING
+    store: bool = MISSING
+    store_dir: str | None = None
+    report: Report = MISSING
 
 
 GROUP_SCHEMAS = {
     "model": {"tiny": TinyModel, "hub": HubModel},
-    "dataset": {"arithmetic": ArithmeticData},
-    "method": {"star": Star},
+    "dataset": {"arithmetic": ArithmeticData, "reversed_addition": ReversedAdditionData},
+    "method": {"star": Star, "length_gen": LengthGen},
     "generator": {"generator": Generator},
     "hardware": {"hardware": Hardware},
     "logger": {"logger": Logger},

@@ -13,6 +13,8 @@ The contract (docs: DESIGN.md §2):
   from its own checkpoints; any other stage starts from an empty folder.
 - A done stage whose fingerprint no longer matches is recomputed (``on_change=recompute``, said
   out loud) or refused (``on_change=refuse``).
+- With a ``store`` (selfimprove/store.py) a stage that another run already computed with the same
+  fingerprint is linked into this run directory instead (event ``shared``), under the same contract.
 """
 
 from __future__ import annotations
@@ -181,8 +183,9 @@ class Run:
     plan_only: bool = False
     log: Callable[[str], None] = print
     on_record: Callable[[dict], None] | None = None
+    store: Any = None  # a selfimprove.store.Store: stages with the same fingerprint are computed once
     plan: list[StageStatus] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=lambda: {"computed": 0, "reused": 0})
+    counts: dict[str, int] = field(default_factory=lambda: {"computed": 0, "reused": 0, "shared": 0})
     _lock_file: Any = None
     _stopped_after: str | None = None
 
@@ -239,7 +242,17 @@ class Run:
                 self.log(
                     f"[yellow]! {name}: settings changed since it was done ({old} → {fp}); recomputing[/]"
                 )
-            self._compute(name, fn, inputs, path, fp)
+            if self.store is None:
+                self._compute(name, fn, inputs, path, fp)
+            else:
+                with self.store.lock(fp):
+                    if self.store.fetch(fp, path, name):
+                        self.counts["shared"] += 1
+                        self._event(name, "shared", fp)
+                        self.log(f"[green]✓ {name}[/] shared (same fingerprint in {self.store.root})")
+                    else:
+                        self._compute(name, fn, inputs, path, fp)
+                        self.store.publish(fp, path)
         if self.stop_after is not None and matches_stop(self.stop_after, name):
             self._stopped_after = name
         return artifact

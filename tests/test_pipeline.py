@@ -59,7 +59,7 @@ def test_done_stages_are_reused_not_recomputed(tmp_path):
     CALLS.clear()
     with quiet_run(tmp_path) as run:
         two_stages(run)
-    assert CALLS == [] and run.counts == {"computed": 0, "reused": 2}
+    assert CALLS == [] and run.counts == {"computed": 0, "reused": 2, "shared": 0}
 
 
 def test_changed_input_recomputes_downstream(tmp_path):

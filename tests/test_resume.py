@@ -24,7 +24,7 @@ COMMAND = ["run", *TINY_RUN, "out_root=outputs"]
 
 
 def run_dir(cwd: Path) -> Path:
-    (found,) = [p for p in (cwd / "outputs").iterdir() if p.is_dir()]
+    (found,) = [p for p in (cwd / "outputs").iterdir() if p.is_dir() and not p.name.startswith(".")]
     return found
 
 

@@ -4,4 +4,7 @@ from __future__ import annotations
 
 from selfimprove.registry import Registry
 
-METHODS = Registry("method", {"star": "selfimprove.methods.star:star"})
+METHODS = Registry(
+    "method",
+    {"star": "selfimprove.methods.star:star", "length_gen": "selfimprove.methods.length_gen:length_gen"},
+)

@@ -10,7 +10,13 @@ from __future__ import annotations
 from selfimprove.registry import Registry
 from selfimprove.tasks.base import Task
 
-TASKS = Registry("dataset", {"arithmetic": "selfimprove.tasks.arithmetic:Arithmetic"})
+TASKS = Registry(
+    "dataset",
+    {
+        "arithmetic": "selfimprove.tasks.arithmetic:Arithmetic",
+        "reversed_addition": "selfimprove.tasks.reversed_addition:ReversedAddition",
+    },
+)
 
 
 def spec(dataset: dict) -> dict:
