@@ -31,6 +31,13 @@ def run_name(override_dirname: str) -> str:
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
+def keys_outside_run_identity() -> set[str]:
+    """Override keys that do not change results, so not the run directory or a report row either:
+    Hydra's ``override_dirname.exclude_keys`` in conf/config.yaml is the one list."""
+    cfg = OmegaConf.load(CONF_DIR / "config.yaml")
+    return set(cfg.hydra.job.config.override_dirname.exclude_keys)
+
+
 def run_dir_of(cfg: DictConfig) -> Path:
     if cfg.run_dir:
         return Path(cfg.run_dir)

@@ -118,10 +118,10 @@ def compose_each(overrides: list[str]) -> None:
 
 def sweep_dir(overrides: list[str]) -> str:
     """multirun/<name of the whole sweep command>, so that the same sweep command resumes."""
-    from selfimprove.app import run_name
+    from selfimprove.app import keys_outside_run_identity, run_name
 
-    excluded = ("stop_after=", "on_change=", "logger=", "run_dir=", "store=", "store_dir=", "hydra")
-    kept = sorted(o for o in overrides if not o.startswith(excluded))
+    excluded = keys_outside_run_identity()
+    kept = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded and not o.startswith("hydra"))
     return f"multirun/{run_name(','.join(kept) if kept else '')}".replace("'", "")
 
 

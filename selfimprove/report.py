@@ -15,13 +15,11 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfimprove.app import keys_outside_run_identity
 from selfimprove.pipeline import METRICS, read_jsonl
 from selfimprove.registry import ConfigError, unknown_choice
 
 FORMATS = {"md": "md", "latex": "tex", "csv": "csv"}
-# overrides that do not define a setting: the seed (averaged over) and keys that do not change results
-NOT_SETTINGS = {"seed", "stop_after", "on_change", "logger", "run_dir", "out_root", "store", "store_dir"}
-NOT_SETTINGS |= {"generator.batch_size", "hydra.sweep.dir"}
 
 
 @dataclass
@@ -59,9 +57,11 @@ def find_runs(path: Path) -> list[RunResult]:
             else []
         )
         setting = {}
+        # not a setting: the seed (averaged over) and keys that do not change results
+        not_settings = keys_outside_run_identity() | {"seed", "hydra.sweep.dir"}
         for item in overrides:
             key, _, value = str(item).lstrip("+~").partition("=")
-            if key not in NOT_SETTINGS:
+            if key not in not_settings:
                 setting[key] = value
         cfg = OmegaConf.load(run / "config.yaml") if (run / "config.yaml").exists() else {}
         layout = OmegaConf.to_container(cfg["report"]) if "report" in cfg else {}

@@ -15,18 +15,18 @@ def task():
 
 
 def test_rationale_adds_column_by_column_with_carries():
-    assert rationale(573, 885) == "573+885:3+5+0=08;57+88:7+8+0=15;5+8:5+8+1=14;ans 1458"
-    assert rationale(9, 9) == "9+9:9+9+0=18;ans 18"
-    assert rationale(0, 0) == "0+0:0+0+0=00;ans 0"
+    assert rationale(573, 885) == "3+5+0=08|8;57+88:7+8+0=15|58;5+8:5+8+1=14|458;ans 1458"
+    assert rationale(9, 9) == "9+9+0=18|8;ans 18"
+    assert rationale(50, 50) == "0+0+0=00|0;5+5:5+5+0=10|00;ans 100"
 
 
 @pytest.mark.parametrize(
     ("completion", "reward"),
     [
-        ("573+885:3+5+0=08;57+88:7+8+0=15;5+8:5+8+1=14;ans 1458", 1.0),
+        ("3+5+0=08|8;57+88:7+8+0=15|58;5+8:5+8+1=14|458;ans 1458", 1.0),
         ("ans 1458", 1.0),  # the verifier checks the answer, not the steps
         ("3+5+0=08;ans 1458;ans 1459", 1.0),  # the first answer counts
-        ("573+885:3+5+0=08;57+88:7+8+0=15;5+8:5+8+1=14;ans 1459", 0.0),
+        ("3+5+0=08|8;57+88:7+8+0=15|58;5+8:5+8+1=14|458;ans 1459", 0.0),
         ("", 0.0),
         ("ans ", 0.0),
         ("ans -1458", 0.0),

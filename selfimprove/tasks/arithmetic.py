@@ -1,12 +1,15 @@
 """n-digit addition with a per-digit scratchpad: the embedded CPU task.
 
     prompt      573+885:
-    completion  573+885:3+5+0=08;57+88:7+8+0=15;5+8:5+8+1=14;ans 1458
+    completion  3+5+0=08|8;57+88:7+8+0=15|58;5+8:5+8+1=14|458;ans 1458
 
-Each step restates what is left of the operands, then adds their last digits (least significant
-first) plus the carry and writes the two-digit sum; the final answer follows ``ans``. Restating
-keeps every step local (the digits to add are always the last ones just written), which is what
-lets a tiny model trained on 1-2 digits get some 3-digit problems right at all. The difficulty level is the number of digits per operand.
+Each step adds one digit column (least significant first) plus the carry, writes the two-digit
+sum and, after ``|``, the partial result so far; from the second step on it first restates what
+is left of the operands. The final answer follows ``ans``. Every step is local -- the digits to add
+are always the last ones just written and the answer is a copy of the last partial, not a
+reversal -- which is what lets a tiny model trained on 1-2 digits (and 32 exemplars at 3 digits)
+get a quarter of the 3-digit problems right before any self-improvement (0.05 without the
+restating and the partial results). The difficulty level is the number of digits per operand.
 Gold rationales exist for the seed levels (and a few exemplars at the train levels, STaR's
 few-shot rationales); train prompts at the harder levels carry only the final answer.
 """
