@@ -10,7 +10,16 @@ from __future__ import annotations
 from selfimprove.registry import Registry
 from selfimprove.tasks.base import Task
 
-TASKS = Registry("dataset", {"arithmetic": "selfimprove.tasks.arithmetic:Arithmetic"})
+TASKS = Registry(
+    "dataset",
+    {
+        "arithmetic": "selfimprove.tasks.arithmetic:Arithmetic",
+        "gsm8k": "selfimprove.tasks.hf_math:GSM8K",
+        "math": "selfimprove.tasks.hf_math:MATH",
+        "reasoning_gym": "selfimprove.tasks.gym:ReasoningGym",
+        "humaneval": "selfimprove.tasks.humaneval:HumanEval",
+    },
+)
 
 
 def spec(dataset: dict) -> dict:
