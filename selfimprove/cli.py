@@ -24,9 +24,14 @@ def conf_dir() -> Path:
 
 
 def group_options() -> dict[str, list[str]]:
-    """Config groups and their options, read from the conf/ tree."""
+    """Config groups and their options, read from the conf/ tree (hydra/ holds Hydra's own groups,
+    e.g. hydra/launcher=slurm, which Hydra checks itself)."""
     root = conf_dir()
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(root.iterdir()) if d.is_dir()}
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(root.iterdir())
+        if d.is_dir() and d.name != "hydra"
+    }
 
 
 def print_help() -> None:
