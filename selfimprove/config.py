@@ -190,7 +190,9 @@ class Train:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_length: int = MISSING
-    lora: Lora | None = None
+    # a Lora node or None; typed Any because OmegaConf cannot merge a dict override into a None
+    # structured node (checked in training/sft.py:lora_config against Lora's fields)
+    lora: Any = None
 
 
 @dataclass

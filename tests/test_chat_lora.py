@@ -121,3 +121,17 @@ def test_chat_template_true_without_one_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="model.chat_template='sometimes'"):
         with Run(tmp_path / "run2", log=lambda _: None) as run:
             run.stage("init", init_model, model={**hub, "chat_template": "sometimes"}, seed=0)
+
+
+def test_lora_override_from_the_command_line():
+    from selfimprove.pipeline import plain
+    from selfimprove.training.sft import lora_config
+
+    cfg = compose_cfg(
+        ["method.train.lora={r: 8, alpha: 16, dropout: 0.05, target_modules: [q_proj, v_proj]}"]
+    )
+    config = lora_config(plain(cfg.method.train)["lora"])
+    assert (config.r, config.lora_alpha, sorted(config.target_modules)) == (8, 16, ["q_proj", "v_proj"])
+    assert lora_config(plain(compose_cfg([]).method.train)["lora"]) is None
+    with pytest.raises(ConfigError, match="must have exactly the keys alpha, dropout, r, target_modules"):
+        lora_config(plain(compose_cfg(["method.train.lora={r: 8}"]).method.train)["lora"])

@@ -104,7 +104,16 @@ def lora_config(lora: dict | None):
     """A peft LoraConfig from ``train.lora``; None = full fine-tuning."""
     if not lora:
         return None
+    from dataclasses import fields
+
     from peft import LoraConfig
+
+    from selfimprove.config import Lora
+    from selfimprove.registry import ConfigError
+
+    keys = sorted(f.name for f in fields(Lora))
+    if not isinstance(lora, dict) or sorted(lora) != keys:
+        raise ConfigError(f"train.lora={lora!r} must have exactly the keys {', '.join(keys)} (or be null)")
 
     targets = lora["target_modules"]
     return LoraConfig(
