@@ -26,9 +26,14 @@ def conf_dir() -> Path:
 
 
 def group_options() -> dict[str, list[str]]:
-    """Config groups and their options, read from the conf/ tree."""
+    """Config groups and their options, read from the conf/ tree (hydra/ holds Hydra's own groups,
+    e.g. hydra/launcher=slurm, which Hydra checks itself)."""
     root = conf_dir()
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(root.iterdir()) if d.is_dir()}
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(root.iterdir())
+        if d.is_dir() and d.name != "hydra"
+    }
 
 
 def print_help() -> None:
@@ -121,7 +126,9 @@ def sweep_dir(overrides: list[str]) -> str:
     from selfimprove.app import keys_outside_run_identity, run_name
 
     excluded = keys_outside_run_identity()
-    kept = sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded and not o.startswith("hydra"))
+    kept = sorted(
+        o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded and not o.startswith("hydra")
+    )
     return f"multirun/{run_name(','.join(kept) if kept else '')}".replace("'", "")
 
 

@@ -44,6 +44,12 @@ class LoggerKind(str, Enum):
     wandb = "wandb"
 
 
+class Isolation(str, Enum):
+    auto = "auto"
+    namespaces = "namespaces"
+    guarded = "guarded"
+
+
 class WandbMode(str, Enum):
     offline = "offline"
     online = "online"
@@ -70,6 +76,8 @@ class HubModel:
     name_or_path: str = MISSING
     revision: str | None = None
     trust_remote_code: bool = False
+    # true | false | auto (bool or the string "auto": OmegaConf has no bool|str union)
+    chat_template: Any = MISSING
 
 
 # -- dataset -----------------------------------------------------------------------------------
@@ -99,6 +107,71 @@ class ReversedAdditionData:
     test_per_level: int = MISSING
 
 
+@dataclass
+class DataSource:
+    path: str = MISSING
+    subset: str | None = None
+    split: str = MISSING
+    revision: str | None = None
+
+
+@dataclass
+class HFMathData:
+    name: str = MISSING
+    seed: int = MISSING
+    train: DataSource = MISSING
+    test: DataSource = MISSING
+    question_key: str = MISSING
+    solution_key: str | None = None
+    answer_key: str | None = None
+    test_group_key: str | None = None
+    seed_size: int = MISSING
+    train_per_iteration: int = MISSING
+    test_size: int | None = None
+    prompt_template: str = MISSING
+    max_new_tokens: int = MISSING
+
+
+@dataclass
+class GymData:
+    name: str = MISSING
+    task: str = MISSING
+    task_config: dict[str, Any] = field(default_factory=dict)
+    seed: int = MISSING
+    test_seed: int = MISSING
+    seed_size: int = MISSING
+    train_per_iteration: int = MISSING
+    test_size: int = MISSING
+    prompt_template: str = MISSING
+    max_new_tokens: int = MISSING
+
+
+@dataclass
+class Sandbox:
+    timeout: float = MISSING
+    cpu_seconds: int = MISSING
+    memory_mb: int = MISSING
+    nproc: int = MISSING
+    file_size_mb: int = MISSING
+    disk_mb: int = MISSING
+    open_files: int = MISSING
+    output_bytes: int = MISSING
+    isolation: Isolation = MISSING
+    python: str | None = None
+
+
+@dataclass
+class HumanEvalData:
+    name: str = MISSING
+    seed: int = MISSING
+    train_size: int = MISSING
+    test_size: int | None = None
+    prompt_template: str = MISSING
+    max_new_tokens: int = MISSING
+    workers: int = MISSING
+    sandbox: Sandbox = MISSING
+
+
 # -- method ------------------------------------------------------------------------------------
 @dataclass
 class Sampling:
@@ -107,6 +180,15 @@ class Sampling:
     top_p: float = MISSING
     max_tokens: int = MISSING
     stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Lora:
+    r: int = MISSING
+    alpha: int = MISSING
+    dropout: float = MISSING
+    # a list of module names, or the string "all-linear"
+    target_modules: Any = MISSING
 
 
 @dataclass
@@ -120,6 +202,9 @@ class Train:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_length: int = MISSING
+    # a Lora node or None; typed Any because OmegaConf cannot merge a dict override into a None
+    # structured node (checked in training/sft.py:lora_config against Lora's fields)
+    lora: Any = None
 
 
 @dataclass
@@ -212,7 +297,13 @@ class Config:
 
 GROUP_SCHEMAS = {
     "model": {"tiny": TinyModel, "hub": HubModel},
-    "dataset": {"arithmetic": ArithmeticData, "reversed_addition": ReversedAdditionData},
+    "dataset": {
+        "arithmetic": ArithmeticData,
+        "reversed_addition": ReversedAdditionData,
+        "hf_math": HFMathData,
+        "reasoning_gym": GymData,
+        "humaneval": HumanEvalData,
+    },
     "method": {"star": Star, "length_gen": LengthGen},
     "generator": {"generator": Generator},
     "hardware": {"hardware": Hardware},

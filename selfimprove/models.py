@@ -2,7 +2,14 @@
 
 A model artifact is a folder holding either ``model/`` (weights + tokenizer saved with
 ``save_pretrained``) or ``model_ref.json`` (a hub id or local path that is loaded on use, so a 7B
-base model is never copied into every run directory).
+base model is never copied into every run directory). ``model_ref.json`` (hub models) and
+``model_meta.json`` (trained models) also say whether prompts go through the tokenizer's chat
+template (``chat_template``: true | false | "auto" = when the tokenizer has one).
+
+A LoRA-trained artifact holds a PEFT adapter folder in ``model/`` and, in ``model_meta.json``,
+``adapter_base``: the artifact it was trained from (a relative path). Loading it loads that base
+(recursively), applies the adapter and **merges** it (``merge_and_unload``), so generation and the
+next training stage see a plain model; the adapter folder on disk stays small.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any
 from selfimprove.pipeline import Artifact, stage, write_json_atomic
 from selfimprove.registry import ConfigError, Registry
 
+CHAT_SETTINGS = (True, False, "auto")
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 # Printable ASCII (digits, letters, punctuation, space) and newline: one token per character.
 CHARACTERS = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
@@ -83,9 +91,12 @@ def build_tiny(model_cfg: dict, out: Path, seed: int) -> dict:
 
 def reference_hub(model_cfg: dict, out: Path, seed: int) -> dict:
     """A hub id or local path, recorded rather than copied; loaded when a stage needs it."""
+    chat = model_cfg.get("chat_template")
+    if chat not in CHAT_SETTINGS:
+        raise ConfigError(f"model.chat_template={chat!r} is not allowed; use true, false or auto")
     write_json_atomic(
         out / "model_ref.json",
-        {k: model_cfg.get(k) for k in ("name_or_path", "revision", "trust_remote_code")},
+        {k: model_cfg.get(k) for k in ("name_or_path", "revision", "trust_remote_code", "chat_template")},
     )
     return {}
 
@@ -113,6 +124,32 @@ def model_location(artifact: Artifact | Path) -> tuple[str, dict[str, Any]]:
     return ref["name_or_path"], kwargs
 
 
+def model_meta(artifact: Artifact | Path) -> dict:
+    """What a model artifact says about itself: ``chat_template`` and, for LoRA, ``adapter_base``."""
+    folder = artifact.path if isinstance(artifact, Artifact) else Path(artifact)
+    for name in ("model_meta.json", "model_ref.json"):
+        if (folder / name).exists():
+            return json.loads((folder / name).read_text())
+    return {}
+
+
+def uses_chat_template(artifact: Artifact | Path, tokenizer) -> bool:
+    """Whether prompts to this model go through its chat template (model.chat_template)."""
+    setting = model_meta(artifact).get("chat_template", False)
+    if setting is True and not tokenizer.chat_template:
+        raise ConfigError(
+            "model.chat_template=true but the tokenizer has no chat template; use false or auto"
+        )
+    return bool(tokenizer.chat_template) if setting == "auto" else bool(setting)
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """The text a chat model is prompted with: one user turn plus the assistant header."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -126,11 +163,19 @@ def load_model(artifact: Artifact | Path, hardware: dict, for_training: bool = F
     """Load (model, tokenizer) from a model artifact onto the configured device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where, kwargs = model_location(artifact)
+    folder = artifact.path if isinstance(artifact, Artifact) else Path(artifact)
+    where, kwargs = model_location(folder)
     tokenizer = AutoTokenizer.from_pretrained(where, padding_side="left", **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(hardware["dtype"]), **kwargs)
+    base = model_meta(folder).get("adapter_base")
+    if base:  # a LoRA adapter: load its base model, apply the adapter and merge it
+        from peft import PeftModel
+
+        base_model, _ = load_model((folder / base).resolve(), hardware, for_training)
+        model = PeftModel.from_pretrained(base_model, where).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(hardware["dtype"]), **kwargs)
     model.to(resolve_device(hardware["device"]))
     model.train(for_training)
     return model, tokenizer

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from selfimprove.generation import cut_at_stop, output_records
-from selfimprove.models import load_model
+from selfimprove.models import chat_prompt, load_model, uses_chat_template
 from selfimprove.pipeline import Artifact
 
 
@@ -13,10 +13,13 @@ def generate(
     import torch
 
     lm, tokenizer = load_model(model, hardware)
+    # instruct models: the prompt record is the user turn, wrapped by the tokenizer's chat template
+    chat = uses_chat_template(model, tokenizer)
+    texts = [chat_prompt(tokenizer, r["prompt"]) if chat else r["prompt"] for r in records]
     n, greedy = sampling["n"], sampling["temperature"] == 0
     per_batch = max(1, generator["batch_size"] // n)  # batch_size counts sequences, not prompts
     # Sorting by prompt length keeps padding small; results are put back in record order.
-    order = sorted(range(len(records)), key=lambda i: len(records[i]["prompt"]))
+    order = sorted(range(len(records)), key=lambda i: len(texts[i]))
     results: list[list[tuple[str, int]]] = [[] for _ in records]
     torch.manual_seed(seed)
     kwargs = dict(
@@ -39,7 +42,7 @@ def generate(
         for start in range(0, len(order), per_batch):
             idx = order[start : start + per_batch]
             batch = tokenizer(
-                [records[i]["prompt"] for i in idx],
+                [texts[i] for i in idx],
                 return_tensors="pt",
                 padding=True,
                 add_special_tokens=False,

@@ -15,6 +15,10 @@ TASKS = Registry(
     {
         "arithmetic": "selfimprove.tasks.arithmetic:Arithmetic",
         "reversed_addition": "selfimprove.tasks.reversed_addition:ReversedAddition",
+        "gsm8k": "selfimprove.tasks.hf_math:GSM8K",
+        "math": "selfimprove.tasks.hf_math:MATH",
+        "reasoning_gym": "selfimprove.tasks.gym:ReasoningGym",
+        "humaneval": "selfimprove.tasks.humaneval:HumanEval",
     },
 )
 

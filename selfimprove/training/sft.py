@@ -1,4 +1,14 @@
-"""Supervised fine-tuning with TRL's SFTTrainer on prompt/completion records (completion-only loss)."""
+"""Supervised fine-tuning with TRL's SFTTrainer on prompt/completion records (completion-only loss).
+
+Chat models (``model.chat_template``) get TRL's conversational prompt/completion format
+(``prompt=[{"role": "user", ...}]``, ``completion=[{"role": "assistant", ...}]``): TRL applies the
+chat template and still computes the loss on the completion only. Plain strings would be
+tokenized without the template -- a different prompt from the one generation uses.
+
+``train.lora`` (r, alpha, dropout, target_modules) trains a peft LoRA adapter instead of all
+weights; the artifact is then a PEFT adapter folder plus ``model_meta.json`` naming its base
+artifact, and models.load_model merges it on load.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +16,8 @@ import json
 import shutil
 from pathlib import Path
 
-from selfimprove.models import load_model, resolve_device
-from selfimprove.pipeline import Artifact, read_jsonl, stage
+from selfimprove.models import load_model, resolve_device, uses_chat_template
+from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
 
 
 def trainer_args(train: dict, hardware: dict, out: Path, seed: int) -> dict:
@@ -77,21 +87,74 @@ def save_trained(trainer, tokenizer, out: Path) -> dict:
     return {"steps": trainer.state.global_step, "final_loss": round(losses[-1], 4) if losses else None}
 
 
+def sft_rows(records: list[dict], chat: bool) -> list[dict]:
+    """TRL prompt/completion rows: conversational for chat models, plain strings otherwise."""
+    if chat:
+        return [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"]}],
+            }
+            for r in records
+        ]
+    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in records]
+
+
+def lora_config(lora: dict | None):
+    """A peft LoraConfig from ``train.lora``; None = full fine-tuning."""
+    if not lora:
+        return None
+    from dataclasses import fields
+
+    from peft import LoraConfig
+
+    from selfimprove.config import Lora
+    from selfimprove.registry import ConfigError
+
+    keys = sorted(f.name for f in fields(Lora))
+    if not isinstance(lora, dict) or sorted(lora) != keys:
+        raise ConfigError(f"train.lora={lora!r} must have exactly the keys {', '.join(keys)} (or be null)")
+
+    targets = lora["target_modules"]
+    return LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        task_type="CAUSAL_LM",
+    )
+
+
 @stage(version=1)
 def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict, seed: int) -> dict:
-    """Stage: fine-tune ``model`` on ``data``'s prompt/completion records; writes model/."""
+    """Stage: fine-tune ``model`` on ``data``'s prompt/completion records; writes model/ (full
+    weights, or a LoRA adapter with ``train.lora``) and model_meta.json."""
+    import os
+
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     records = read_jsonl(data.file("train.jsonl"))
-    dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
     torch.manual_seed(seed)
     lm, tokenizer = load_model(model, hardware, for_training=True)
+    chat = uses_chat_template(model, tokenizer)
+    dataset = Dataset.from_list(sft_rows(records, chat))
     config = SFTConfig(
         **trainer_args(train, hardware, out, seed), max_length=train["max_length"], packing=False
     )
-    trainer = SFTTrainer(model=lm, args=config, train_dataset=dataset, processing_class=tokenizer)
+    peft_config = lora_config(train.get("lora"))
+    trainer = SFTTrainer(
+        model=lm, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    )
     quiet_trainer(trainer)
     trainer.train()
-    return {"examples": len(records), **save_trained(trainer, tokenizer, out)}
+    meta = {"chat_template": chat}
+    if peft_config is not None:  # the stage folder is renamed into place, so a relative path holds
+        meta["adapter_base"] = os.path.relpath(model.path, out)
+    write_json_atomic(out / "model_meta.json", meta)
+    return {
+        "examples": len(records),
+        "lora": peft_config is not None,
+        **save_trained(trainer, tokenizer, out),
+    }

@@ -1,0 +1,192 @@
+"""GSM8K and MATH (MATH-500 and friends) through the ``datasets`` library, checked by math-verify.
+
+    prompt      <question>\\nPlease reason step by step, and put your final answer within \\boxed{}.
+    completion  ... reasoning ... The final answer is \\boxed{72}.
+
+Each split comes from a hub id (``openai/gsm8k`` / ``main``) or a local .jsonl/.json/.parquet/.csv
+file or folder (``dataset.train.path=/data/gsm8k_train.jsonl``). Gold answers: GSM8K's after
+``####`` in the solution; MATH's in ``answer`` when the dataset has it, else the solution's last
+``\\boxed{}``. Both datasets carry gold solutions, so ``seed_data`` returns ``seed_size`` of them
+(GSM8K's calculator annotations ``<<48/2=24>>`` removed, the answer restated as ``\\boxed{}``).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+from selfimprove.registry import ConfigError
+from selfimprove.scoring.mathverify import end_of_last_boxed, last_boxed, math_rewards
+from selfimprove.tasks.base import Task
+
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+CALCULATOR = re.compile(r"<<[^>]*>>")
+
+
+def load_split(source: dict):
+    """A ``datasets.Dataset`` from a hub id or a local file/folder (the ``train``/``test`` node)."""
+    from datasets import load_dataset
+
+    path = Path(source["path"]).expanduser()
+    if path.is_file():
+        if path.suffix not in LOCAL_BUILDERS:
+            raise ConfigError(
+                f"dataset file '{path}' has suffix '{path.suffix}'; allowed: {', '.join(LOCAL_BUILDERS)}"
+            )
+        # a single local file is one split, which `datasets` names "train"
+        return load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
+    kwargs = {"revision": source["revision"]} if source.get("revision") else {}
+    return load_dataset(str(source["path"]), source.get("subset"), split=source["split"], **kwargs)
+
+
+def check_template(template: str, field: str = "question") -> str:
+    if "{" + field + "}" not in template:
+        raise ConfigError(f"dataset.prompt_template must contain '{{{field}}}' (got {template!r})")
+    return template
+
+
+def fill(template: str, **values: str) -> str:
+    """``str.format`` for templates that also hold literal braces (``\\boxed{}``)."""
+    out = template
+    for key, value in values.items():
+        out = out.replace("{" + key + "}", value)
+    return out
+
+
+class MathTask(Task):
+    """Shared by GSM8K and MATH: split loading, sizes, prompts and the math-verify reward."""
+
+    version = 1
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        check_template(self.cfg["prompt_template"])
+        self._rows: dict[str, list[dict]] = {}
+
+    # -- per-dataset hooks -------------------------------------------------------------------------
+    def gold_answer(self, row: dict) -> str | None:
+        raise NotImplementedError
+
+    def gold_completion(self, row: dict) -> str | None:
+        raise NotImplementedError
+
+    # -- data ----------------------------------------------------------------------------------
+    def rows(self, which: str) -> list[dict]:
+        if which not in self._rows:
+            data = load_split(self.cfg[which])
+            missing = [
+                k
+                for k in (self.cfg["question_key"], self.cfg.get("solution_key"))
+                if k and k not in data.column_names
+            ]
+            if missing:
+                raise ConfigError(
+                    f"dataset.{which} ({self.cfg[which]['path']}) has no column '{missing[0]}'; "
+                    f"columns: {', '.join(data.column_names)}"
+                )
+            self._rows[which] = [dict(r, _index=i) for i, r in enumerate(data)]
+        return self._rows[which]
+
+    def record(self, row: dict, split: str, completion: bool = False) -> dict:
+        rec = {
+            "id": f"{split}-{row['_index']}",
+            "prompt": fill(self.cfg["prompt_template"], question=str(row[self.cfg["question_key"]])),
+            "answer": self.gold_answer(row),
+            "meta": {"level": split, "index": row["_index"]},
+        }
+        group = self.cfg.get("test_group_key")
+        if split == "test" and group and group in row:
+            rec["meta"]["level"] = str(row[group])
+        if completion:
+            rec["completion"] = self.gold_completion(row)
+        return rec
+
+    def _shuffled_train(self) -> list[dict]:
+        rows = [r for r in self.rows("train") if self.gold_answer(r) is not None]
+        random.Random(f"{self.cfg['name']}-{self.cfg['seed']}").shuffle(rows)
+        return rows
+
+    def seed_data(self) -> list[dict]:
+        if not self.cfg.get("solution_key"):
+            return []  # no gold rationales in this dataset
+        rows = self._shuffled_train()[: self.cfg["seed_size"]]
+        return [r for r in (self.record(x, "seed", completion=True) for x in rows) if r["completion"]]
+
+    def train_prompts(self, iteration: int) -> list[dict]:
+        """The ``train_per_iteration`` problems after the seed rows, a new slice each iteration
+        (wrapping around when the split runs out)."""
+        pool = self._shuffled_train()[self.cfg["seed_size"] :]
+        n = self.cfg["train_per_iteration"]
+        if not pool or n == 0:
+            return []
+        start = (max(iteration, 1) - 1) * n
+        picked = [pool[(start + k) % len(pool)] for k in range(min(n, len(pool)))]
+        return [self.record(r, f"train{iteration}") for r in picked]
+
+    def test_sets(self) -> dict[str, list[dict]]:
+        rows = [r for r in self.rows("test") if self.gold_answer(r) is not None]
+        if self.cfg.get("test_size") is not None:
+            rows = rows[: self.cfg["test_size"]]
+        sets: dict[str, list[dict]] = {}
+        for r in rows:
+            rec = self.record(r, "test")
+            sets.setdefault(rec["meta"]["level"], []).append(rec)
+        return sets
+
+    # -- verification ----------------------------------------------------------------------------
+    def reward(
+        self, prompts: list[str], completions: list[str], answer: list[str], **columns
+    ) -> list[float | None]:
+        return math_rewards(completions, answer)
+
+    def clean(self, completion: str) -> str:
+        """Cut after the sentence holding the last ``\\boxed{}`` (junk often follows it)."""
+        end = end_of_last_boxed(completion)
+        if end is None:
+            return completion
+        stop = completion.find("\n", end)
+        return completion[: stop if stop != -1 else len(completion)].rstrip()
+
+    def max_new_tokens(self, record: dict) -> int:
+        return int(self.cfg["max_new_tokens"])
+
+
+class GSM8K(MathTask):
+    """Gold answer after ``####``; the solution's reasoning (without calculator annotations) plus
+    ``The final answer is \\boxed{...}.`` is the gold completion."""
+
+    def _solution(self, row: dict) -> str:
+        return str(row[self.cfg["solution_key"]]) if self.cfg.get("solution_key") else ""
+
+    def gold_answer(self, row: dict) -> str | None:
+        if self.cfg.get("answer_key"):
+            return str(row[self.cfg["answer_key"]]).strip()
+        solution = self._solution(row)
+        if "####" not in solution:
+            return None
+        return solution.rsplit("####", 1)[1].strip().replace(",", "")
+
+    def gold_completion(self, row: dict) -> str | None:
+        solution = self._solution(row)
+        answer = self.gold_answer(row)
+        if not solution or answer is None:
+            return None
+        reasoning = CALCULATOR.sub("", solution.rsplit("####", 1)[0]).strip()
+        return f"{reasoning}\nThe final answer is \\boxed{{{answer}}}."
+
+
+class MATH(MathTask):
+    """Gold answer from ``answer_key`` (MATH-500) or the solution's last ``\\boxed{}`` (MATH);
+    the solution, which ends in that box, is the gold completion."""
+
+    def gold_answer(self, row: dict) -> str | None:
+        if self.cfg.get("answer_key") and row.get(self.cfg["answer_key"]) not in (None, ""):
+            return str(row[self.cfg["answer_key"]]).strip()
+        if self.cfg.get("solution_key"):
+            return last_boxed(str(row[self.cfg["solution_key"]]))
+        return None
+
+    def gold_completion(self, row: dict) -> str | None:
+        solution = str(row[self.cfg["solution_key"]]) if self.cfg.get("solution_key") else ""
+        return solution.strip() if last_boxed(solution) is not None else None

@@ -1,0 +1,178 @@
+"""GSM8K / MATH (real `datasets` loaders on local jsonl/parquet files), reasoning-gym, HumanEval.
+No hub access: every file is written here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selfimprove import tasks
+from selfimprove.pipeline import plain
+from selfimprove.registry import ConfigError
+from tests.conftest import compose_cfg
+
+GSM8K_ROWS = [
+    {
+        "question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+        "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}",
+    }
+    for a, b in [(3, 4), (10, 5), (7, 8), (1200, 34), (2, 2), (6, 1)]
+]
+MATH_ROWS = [
+    {"problem": "What is $1/2 + 0$?", "solution": "It is $\\boxed{\\frac{1}{2}}$.", "level": "Level 1"},
+    {"problem": "Solve $x+1=3$.", "solution": "So $x = \\boxed{2}$.", "level": "Level 2"},
+    {"problem": "Compute $\\sqrt{16}$.", "solution": "We get $\\boxed{4}$.", "level": "Level 1"},
+    {"problem": "Give $(1,2)$.", "solution": "$\\boxed{(1,2)}$", "level": "Level 3"},
+]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_parquet(path, rows):
+    from datasets import Dataset
+
+    Dataset.from_list(rows).to_parquet(str(path))
+    return path
+
+
+def load(overrides):
+    return tasks.load(plain(compose_cfg(overrides).dataset))
+
+
+def test_gsm8k_from_local_jsonl_and_parquet(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", GSM8K_ROWS)
+    test = write_parquet(tmp_path / "test.parquet", GSM8K_ROWS[:3])
+    task = load(
+        [
+            "dataset=gsm8k",
+            f"dataset.train.path={train}",
+            f"dataset.test.path={test}",
+            "dataset.seed_size=2",
+            "dataset.train_per_iteration=3",
+        ]
+    )
+    seeds = task.seed_data()
+    assert len(seeds) == 2
+    assert "<<" not in seeds[0]["completion"] and seeds[0]["completion"].endswith(
+        f"\\boxed{{{seeds[0]['answer']}}}."
+    )
+    assert "\\boxed{}" in seeds[0]["prompt"] and "apples" in seeds[0]["prompt"]
+    assert seeds[0]["answer"] in {str(a + b) for a, b in [(3, 4), (10, 5), (7, 8), (1234, 0), (2, 2), (6, 1)]}
+    prompts1, prompts2 = task.train_prompts(1), task.train_prompts(2)
+    assert len(prompts1) == 3 and "completion" not in prompts1[0]
+    seed_q = {s["prompt"] for s in seeds}
+    assert not seed_q & {p["prompt"] for p in prompts1 + prompts2}  # seeds are never train prompts
+    test_set = task.test_sets()["test"]
+    assert [r["answer"] for r in test_set] == ["7", "15", "15"]
+    # the gold completions themselves score 1; math-verify accepts other spellings too
+    assert task.reward([], [s["completion"] for s in seeds], [s["answer"] for s in seeds]) == [1.0, 1.0]
+    assert task.reward([], ["so \\boxed{15.0}", "\\boxed{16}", "no answer here", ""], ["15"] * 4) == [
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+    ]
+    assert task.clean("x \\boxed{7}. Done.\nQuestion: junk") == "x \\boxed{7}. Done."
+
+
+def test_math_answers_from_boxed_solutions_and_levels(tmp_path):
+    data = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
+    task = load(
+        [
+            "dataset=math",
+            f"dataset.train.path={data}",
+            f"dataset.test.path={data}",
+            "dataset.seed_size=1",
+            "dataset.train_per_iteration=2",
+        ]
+    )
+    sets = task.test_sets()
+    assert sorted(sets) == ["Level 1", "Level 2", "Level 3"]
+    assert [r["answer"] for r in sets["Level 1"]] == ["\\frac{1}{2}", "4"]
+    assert task.seed_data()[0]["completion"].endswith("$") or "\\boxed" in task.seed_data()[0]["completion"]
+    rewards = task.reward(
+        [],
+        ["The answer is \\boxed{0.5}", "\\boxed{\\frac{2}{4}}", "\\boxed{3}", "\\boxed{(1, 2)}"],
+        ["\\frac{1}{2}", "\\frac{1}{2}", "2", "(1,2)"],
+    )
+    assert rewards == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_local_file_with_unknown_suffix_or_missing_column_is_one_line(tmp_path):
+    bad = tmp_path / "data.txt"
+    bad.write_text("x")
+    with pytest.raises(ConfigError, match="suffix '.txt'"):
+        load(["dataset=gsm8k", f"dataset.train.path={bad}"]).seed_data()
+    data = write_jsonl(tmp_path / "d.jsonl", MATH_ROWS)
+    with pytest.raises(ConfigError, match="no column 'question'"):
+        load(["dataset=gsm8k", f"dataset.train.path={data}"]).seed_data()
+    with pytest.raises(ConfigError, match="must contain '\\{question\\}'"):
+        load(["dataset=gsm8k", "dataset.prompt_template=hello"])
+
+
+def test_countdown_through_reasoning_gym():
+    task = load(
+        ["dataset=countdown", "dataset.seed_size=4", "dataset.train_per_iteration=5", "dataset.test_size=6"]
+    )
+    test = task.test_sets()["countdown"]
+    assert len(test) == 6 and "<answer>" in test[0]["prompt"] and "Calculate" in test[0]["prompt"]
+    assert len(task.train_prompts(1)) == 5 and task.train_prompts(1) != task.train_prompts(2)
+    seeds = task.seed_data()
+    assert seeds and seeds[0]["completion"].startswith("<answer>")
+    records = test[:2]
+    completions = [f"thinking... <answer>{records[0]['answer']}</answer> junk", "<answer>1+1</answer>"]
+    rewards = task.reward(
+        [r["prompt"] for r in records],
+        completions,
+        [r["answer"] for r in records],
+        meta=[r["meta"] for r in records],
+    )
+    assert rewards[0] == 1.0 and rewards[1] < 1.0
+    assert task.clean(completions[0]).endswith("</answer>")
+    # the same records after a JSON round trip (as stages store them) score the same
+    back = json.loads(json.dumps(records))
+    assert (
+        task.reward([], completions, [r["answer"] for r in back], meta=[r["meta"] for r in back]) == rewards
+    )
+
+
+def test_any_reasoning_gym_task_by_name_and_unknown_name():
+    task = load(["dataset=reasoning_gym", "dataset.task=basic_arithmetic", "dataset.test_size=3"])
+    rec = task.test_sets()["basic_arithmetic"][0]
+    assert task.reward([], [f"<answer>{rec['answer']}</answer>"], [rec["answer"]], meta=[rec["meta"]]) == [
+        1.0
+    ]
+    with pytest.raises(ConfigError, match="did you mean 'countdown'"):
+        load(["dataset=reasoning_gym", "dataset.task=countdwn"]).test_sets()
+
+
+def test_humaneval_canonical_solutions_all_pass_and_empty_all_fail():
+    task = load(["dataset=humaneval"])
+    records = task.test_sets()["humaneval"]
+    assert len(records) == 164 and task.seed_data() == []
+    ids = [r["id"] for r in records]
+    canonical = [task._problems[i]["canonical_solution"] for i in ids]
+    results = task.run_tests(canonical, ids)
+    failed = [(i, r.stderr[-200:]) for i, r in zip(ids, results) if not r.passed]
+    assert not failed
+    assert task.reward([], [""] * len(ids), ids) == [0.0] * len(ids)
+
+
+def test_humaneval_instruct_style_fenced_answers_and_train_split():
+    task = load(["dataset=humaneval", "dataset.train_size=10", "dataset.test_size=2"])
+    assert len(task.train_prompts(1)) == 10 and len(task.test_sets()["humaneval"]) == 2
+    p = task._problems["HumanEval/0"]
+    whole = f"Here you go:\n```python\n{p['prompt']}{p['canonical_solution']}```\nHope it helps."
+    body_then_junk = p["canonical_solution"] + "\n\ndef unrelated():\n    raise SystemExit(1)\n"
+    wrong = "```python\ndef has_close_elements(numbers, threshold):\n    return True\n```"
+    assert task.reward([], [whole, body_then_junk, wrong], ["HumanEval/0"] * 3) == [1.0, 1.0, 0.0]
