@@ -106,6 +106,7 @@ def compose_each(overrides: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from selfimprove.config import register_configs
+    from selfimprove.generation import resolve_backend
 
     register_configs()
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -118,7 +119,9 @@ def compose_each(overrides: list[str]) -> None:
             variants += [[f"{o.get_key_element()}={v}"] for v in o.sweep_string_iterator()]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         for extra in variants:
-            compose(config_name="config", overrides=plain_overrides + extra)
+            cfg = compose(config_name="config", overrides=plain_overrides + extra)
+            if cfg.generator.backend != "auto":  # generator=vllm without vLLM: fail before any job
+                resolve_backend(cfg.generator, cfg.hardware, say=lambda _: None)
 
 
 def sweep_dir(overrides: list[str]) -> str:

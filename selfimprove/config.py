@@ -180,6 +180,9 @@ class Sampling:
     top_p: float = MISSING
     max_tokens: int = MISSING
     stop: list[str] = field(default_factory=list)
+    # null = no log-probabilities; k >= 0 = record each sampled token's log-probability in
+    # meta.logprobs, plus the k most likely alternatives per token in meta.top_logprobs when k > 0
+    logprobs: int | None = None
 
 
 @dataclass
@@ -265,6 +268,12 @@ class Hardware:
     device: Device = MISSING
     dtype: DType = MISSING
     num_threads: int | None = None
+    # vLLM engine settings (defaults and units are in conf/hardware/*.yaml)
+    tensor_parallel_size: int = MISSING
+    gpu_memory_utilization: float = MISSING
+    max_model_len: int | None = MISSING
+    kv_cache_memory_bytes: int | None = MISSING
+    enforce_eager: bool = MISSING
 
 
 @dataclass

@@ -14,7 +14,7 @@ GROUP_OPTIONS = [(g, o) for g, opts in group_options().items() for o in opts]
 def test_default_is_the_embedded_cpu_demo():
     cfg = compose_cfg([])
     assert (cfg.model.name, cfg.dataset.name, cfg.method.name) == ("tiny", "arithmetic", "star")
-    assert (cfg.hardware.name, cfg.generator.backend.value, cfg.logger.kind.value) == ("cpu", "hf", "none")
+    assert (cfg.hardware.name, cfg.generator.backend.value, cfg.logger.kind.value) == ("cpu", "auto", "none")
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)

