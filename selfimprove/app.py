@@ -129,7 +129,8 @@ def run(cfg: DictConfig) -> list[dict]:
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
     root = run_dir_of(cfg)
-    resolve_backend(cfg.generator, cfg.hardware, say=lambda msg: console.print(msg))
+    # the backend actually used goes into the config, so that stage fingerprints name it
+    cfg.generator.backend = resolve_backend(cfg.generator, cfg.hardware, say=lambda msg: console.print(msg))
     planned = plan(cfg, root)
     check_stop_after(cfg, planned)
 
@@ -151,10 +152,10 @@ def run(cfg: DictConfig) -> list[dict]:
     ) as r:
         try:
             METHODS.get(cfg.method.name)(cfg, r)
-        except StopRequested as stop:
-            console.print(
-                f"[yellow]stopped after {stop.stage}[/]; run the same command without stop_after to continue"
-            )
+        except StopRequested:
+            pass
+        if r.stopped_after:
+            console.print(f"[yellow]stopped after {r.stopped_after}[/]; rerun without stop_after to continue")
         rows = r.metrics()
         counts = r.counts
     tracker.close()

@@ -213,6 +213,11 @@ class Run:
             self._lock_file.close()
             self._lock_file = None
 
+    @property
+    def stopped_after(self) -> str | None:
+        """The stage that stop_after stopped the run at (None when the run went on)."""
+        return self._stopped_after
+
     # -- stages ---------------------------------------------------------------------------------
     def iterations(self, n: int) -> Iterator[Iteration]:
         for index in range(1, n + 1):
