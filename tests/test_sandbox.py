@@ -68,7 +68,8 @@ def test_fork_bomb_is_capped_by_nproc_and_leaves_nothing_behind():
         "    except OSError: pass\n"
     )
     result = sandbox.run(program, FAST)
-    assert not result.passed and result.timed_out
+    # killed by the CPU-time limit or the wall clock, whichever comes first on a busy or idle machine
+    assert not result.passed and (result.timed_out or result.returncode != 0)
     assert int(result.stdout.split()[0]) < FAST.nproc  # RLIMIT_NPROC held (the sandbox uid is not root)
     assert sandbox_uid_processes() == 0  # every process it spawned is gone
     assert sandbox.run("print(1)", FAST).passed
