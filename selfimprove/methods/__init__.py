@@ -4,4 +4,12 @@ from __future__ import annotations
 
 from selfimprove.registry import Registry
 
-METHODS = Registry("method", {"star": "selfimprove.methods.star:star"})
+METHODS = Registry(
+    "method",
+    {
+        "star": "selfimprove.methods.star:star",
+        "rest_em": "selfimprove.methods.rest_em:rest_em",
+        "bstar": "selfimprove.methods.bstar:bstar",
+        "tt_si": "selfimprove.methods.tt_si:tt_si",
+    },
+)
