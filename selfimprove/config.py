@@ -233,6 +233,17 @@ class LengthGen:
     rounds: int = MISSING
     labelling: Sampling = MISSING
     vote: bool = MISSING
+
+
+@dataclass
+class RestEm:
+    name: str = MISSING
+    iterations: int = MISSING
+    sampling: Sampling = MISSING
+    reward_threshold: float = MISSING
+    max_per_prompt: int = MISSING
+    fixed_prompts: bool = MISSING
+    replay_seed_data: bool = MISSING
     warmstart: Train = MISSING
     train: Train = MISSING
 
@@ -253,6 +264,74 @@ class Report:
     plots: list[str] | None = MISSING
     scale: float = MISSING
     decimals: int = MISSING
+
+
+@dataclass
+class BalanceSearch:
+    queries: int = MISSING
+    temperatures: list[float] = MISSING
+    n: list[int] = MISSING
+    threshold_quantiles: list[float] = MISSING
+    n_star: int = MISSING
+
+
+@dataclass
+class Bstar:
+    name: str = MISSING
+    iterations: int = MISSING
+    sampling: Sampling = MISSING
+    search: BalanceSearch = MISSING
+    max_per_prompt: int = MISSING
+    replay_seed_data: bool = MISSING
+    warmstart: Train = MISSING
+    train: Train = MISSING
+
+
+@dataclass
+class Uncertainty:
+    measure: str = MISSING
+    samples: int = MISSING
+    temperature: float = MISSING
+    threshold: float = MISSING
+
+
+@dataclass
+class Synthesis:
+    teacher: str | None = None
+    problems: int = MISSING
+    solutions: int = MISSING
+    temperature: float = MISSING
+    verify: bool = MISSING
+
+
+@dataclass
+class Adapt:
+    steps: int = MISSING
+    lr: float = MISSING
+    rank: int = MISSING
+    alpha: int = MISSING
+    target_modules: Any = MISSING
+    items_per_adapter: int = MISSING
+
+
+@dataclass
+class TtSi:
+    name: str = MISSING
+    warmstart: Train = MISSING
+    uncertainty: Uncertainty = MISSING
+    synthesis: Synthesis = MISSING
+    adapt: Adapt = MISSING
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+@dataclass
+class Eval:
+    sampled: bool = MISSING
+    n: int = MISSING
+    k: list[int] = MISSING
+    temperature: float = MISSING
+    top_p: float = MISSING
+    selectors: list[str] = MISSING
 
 
 # -- generator, hardware, logger ---------------------------------------------------------------
@@ -293,6 +372,7 @@ class Config:
     generator: Any = MISSING
     hardware: Any = MISSING
     logger: Any = MISSING
+    eval: Any = MISSING
     experiment: Any = None
     seed: int = MISSING
     out_root: str = MISSING
@@ -313,7 +393,8 @@ GROUP_SCHEMAS = {
         "reasoning_gym": GymData,
         "humaneval": HumanEvalData,
     },
-    "method": {"star": Star, "length_gen": LengthGen},
+    "method": {"star": Star, "length_gen": LengthGen, "rest_em": RestEm, "bstar": Bstar, "tt_si": TtSi},
+    "eval": {"eval": Eval},
     "generator": {"generator": Generator},
     "hardware": {"hardware": Hardware},
     "logger": {"logger": Logger},

@@ -68,16 +68,18 @@ def keep_correct(
     max_per_prompt: int,
     replay: Artifact | None,
     seed: int,
+    min_reward: float = 1.0,
 ) -> dict:
-    """Stage: the SFT set of one iteration -- correct samples (hint dropped, cut after the answer,
-    deduplicated, at most ``max_per_prompt`` per prompt) plus the replayed seed demonstrations."""
+    """Stage: the SFT set of one iteration -- samples whose reward is at least ``min_reward``
+    (hint dropped, cut after the answer, deduplicated, at most ``max_per_prompt`` per prompt) plus
+    the replayed seed demonstrations."""
     task = tasks.load(dataset)
     kept: dict[str, list[dict]] = defaultdict(list)
     seen = set()
     rationalized = 0
     for artifact in scored:
         for r in read_jsonl(artifact.file("scored.jsonl")):
-            if r["reward"] != 1.0:
+            if r["reward"] is None or r["reward"] < min_reward:
                 continue
             prompt = r["meta"].get("unhinted_prompt", r["prompt"])
             completion = task.clean(r["completion"])

@@ -1,4 +1,5 @@
-"""Held-out evaluation: greedy accuracy per difficulty level."""
+"""Held-out evaluation: greedy accuracy per difficulty level, and (``eval.sampled``) pass@k,
+maj@k and best-of-n with each configured selector, plus the tokens spent."""
 
 from __future__ import annotations
 
@@ -6,27 +7,87 @@ from pathlib import Path
 
 from selfimprove import tasks
 from selfimprove.generation import sample
+from selfimprove.metrics import by_prompt, maj_at_k, pass_at_k
 from selfimprove.pipeline import Artifact, stage, write_json_atomic, write_jsonl
+from selfimprove.registry import ConfigError
 from selfimprove.scoring import score_records
+
+SELECTORS = ("oracle", "self_certainty")
+
+
+def sampled_metrics(
+    task, model: Artifact, level: str, eval: dict, scored: list[dict], hardware: dict
+) -> tuple[dict, list[dict]]:
+    """pass@k, maj@k and best-of-n (bon_<selector>@n) over ``scored``: n samples per record."""
+    n = eval["n"]
+    bad = [k for k in eval["k"] if not 0 < k <= n]
+    if bad:
+        raise ConfigError(f"eval.k={list(eval['k'])} has values outside 1..eval.n={n}: {bad}")
+    unknown = [s for s in eval["selectors"] if s not in SELECTORS]
+    if unknown:
+        raise ConfigError(f"eval.selectors has unknown {unknown}; allowed: {', '.join(SELECTORS)}")
+    if "self_certainty" in eval["selectors"]:
+        from selfimprove.scoring.certainty import certainties
+
+        scored = [{**r, "certainty": c} for r, c in zip(scored, certainties(model, scored, hardware))]
+    groups = list(by_prompt(scored).values())
+    mean = lambda xs: round(sum(xs) / max(1, len(xs)), 4)  # noqa: E731
+    out = {}
+    for k in eval["k"]:
+        out[f"pass@{k}/{level}"] = mean(
+            [pass_at_k(len(g), sum(r["reward"] == 1.0 for r in g), k) for g in groups]
+        )
+        out[f"maj@{k}/{level}"] = mean(
+            [maj_at_k([task.extract(r["completion"]) for r in g], g[0]["answer"], k) for g in groups]
+        )
+    for selector in eval["selectors"]:
+        if selector == "oracle":  # a perfect verifier picks a correct sample whenever there is one
+            picks = [max(g, key=lambda r: r["reward"] or 0.0) for g in groups]
+        else:
+            picks = [
+                max(g, key=lambda r: r["certainty"] if r["certainty"] is not None else float("-inf"))
+                for g in groups
+            ]
+        out[f"bon_{selector}@{n}/{level}"] = mean([p["reward"] == 1.0 for p in picks])
+    return out, scored
 
 
 @stage(version=1)
-def evaluate(out: Path, model: Artifact, dataset: dict, generator: dict, hardware: dict, seed: int) -> dict:
-    """Stage: greedy accuracy on each held-out set; writes metrics.json and samples.jsonl."""
+def evaluate(
+    out: Path,
+    model: Artifact,
+    dataset: dict,
+    generator: dict,
+    hardware: dict,
+    seed: int,
+    eval: dict | None = None,
+) -> dict:
+    """Stage: greedy accuracy on each held-out set (and sampled metrics when ``eval.sampled``);
+    writes metrics.json and samples.jsonl."""
     task = tasks.load(dataset)
-    metrics, all_scored = {}, []
+    metrics, all_scored, tokens = {}, [], 0
     for level, records in task.test_sets().items():
-        greedy = {
-            "n": 1,
-            "temperature": 0.0,
-            "top_p": 1.0,
-            "max_tokens": task.max_new_tokens(records[0]),
-            "stop": [],
-        }
+        budget = task.max_new_tokens(records[0])
+        greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": budget, "stop": []}
         scored = score_records(task, sample(model, records, greedy, generator, hardware, seed))
         judged = [r["reward"] for r in scored if r["reward"] is not None]
         metrics[f"acc/{level}"] = round(sum(judged) / max(1, len(judged)), 4)
+        tokens += sum(r["meta"]["tokens"] for r in scored)
         all_scored += scored
+        if eval and eval["sampled"]:
+            sampling = {
+                "n": eval["n"],
+                "temperature": eval["temperature"],
+                "top_p": eval["top_p"],
+                "max_tokens": budget,
+                "stop": [],
+            }
+            drawn = score_records(task, sample(model, records, sampling, generator, hardware, seed))
+            extra, drawn = sampled_metrics(task, model, level, eval, drawn, hardware)
+            metrics.update(extra)
+            tokens += sum(r["meta"]["tokens"] for r in drawn)
+            all_scored += [{**r, "meta": {**r["meta"], "sampled": True}} for r in drawn]
+    metrics["tokens/eval"] = tokens
     write_json_atomic(out / "metrics.json", metrics)
     write_jsonl(out / "samples.jsonl", all_scored)
-    return {"test_items": len(all_scored)}
+    return {"test_items": sum(not r["meta"].get("sampled") for r in all_scored)}

@@ -6,5 +6,11 @@ from selfimprove.registry import Registry
 
 METHODS = Registry(
     "method",
-    {"star": "selfimprove.methods.star:star", "length_gen": "selfimprove.methods.length_gen:length_gen"},
+    {
+        "star": "selfimprove.methods.star:star",
+        "length_gen": "selfimprove.methods.length_gen:length_gen",
+        "rest_em": "selfimprove.methods.rest_em:rest_em",
+        "bstar": "selfimprove.methods.bstar:bstar",
+        "tt_si": "selfimprove.methods.tt_si:tt_si",
+    },
 )

@@ -6,7 +6,7 @@ for n = 1..N:
     r^_i <- rationalize: for x_i with no correct r_i, sample with the answer as a hint
     D_n  <- {(x_i, r_i) : answer(r_i) = y_i} U {(x_i, r^_i) : answer(r^_i) = y_i}   (hints dropped)
     M_n  <- SFT(M_0 if restart_from_base else M_{n-1}, D_n [+ seed replay])
-    evaluate M_n on held-out sets
+    evaluate M_n on held-out sets; monitor exploration / exploitation of the samples
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from selfimprove.data import hint_prompts, keep_correct, seed_data, task_prompts
 from selfimprove.evaluation import evaluate
 from selfimprove.generation import generate
 from selfimprove.models import init_model
+from selfimprove.monitoring import monitor
 from selfimprove.pipeline import Run
 from selfimprove.scoring import score
+from selfimprove.scoring.certainty import certainty
 from selfimprove.training import sft
 
 
@@ -45,6 +47,7 @@ def star(cfg: DictConfig, run: Run) -> None:
             generator=gen,
             hardware=hw,
             seed=cfg.seed,
+            eval=cfg.eval,
         ),
     )
     start, found = model, []
@@ -63,6 +66,7 @@ def star(cfg: DictConfig, run: Run) -> None:
             seed=seed,
         )
         scored = [it.stage("score", score, samples=samples, dataset=dataset)]
+        certain = it.stage("certainty", certainty, model=model, scored=scored[0], hardware=hw)
         if m.rationalize:
             hinted = it.stage("hint_prompts", hint_prompts, scored=scored[0], dataset=dataset)
             rationales = it.stage(
@@ -98,7 +102,17 @@ def star(cfg: DictConfig, run: Run) -> None:
         )
         run.record(
             it.index,
-            it.stage("eval", evaluate, model=model, dataset=dataset, generator=gen, hardware=hw, seed=seed),
+            it.stage(
+                "eval",
+                evaluate,
+                model=model,
+                dataset=dataset,
+                generator=gen,
+                hardware=hw,
+                seed=seed,
+                eval=cfg.eval,
+            ),
             data,
             scored[0],
+            it.stage("monitor", monitor, scored=certain, kept=data, dataset=dataset),
         )

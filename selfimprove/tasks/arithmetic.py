@@ -121,6 +121,17 @@ class Arithmetic(Task):
     ) -> list[float | None]:
         return [1.0 if extract_answer(c) == str(a) else 0.0 for c, a in zip(completions, answer)]
 
+    def extract(self, completion: str) -> str | None:
+        return extract_answer(completion)
+
+    def similar(self, record: dict, count: int, seed: int) -> list[dict]:
+        digits = record["meta"]["level"]
+        rng = random.Random(f"arithmetic-similar-{seed}-{record['id']}")
+        return [
+            self._record(a, b, digits, f"similar-{record['id']}", i)
+            for i, (a, b) in enumerate(self._sample(rng, digits, count))
+        ]
+
     def clean(self, completion: str) -> str:
         match = ANSWER.search(completion)
         return completion[: match.end()] if match else completion

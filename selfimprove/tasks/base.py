@@ -34,6 +34,17 @@ class Task(ABC):
     ) -> list[float | None]:
         """TRL's reward-function contract: one score per completion; None means "cannot judge"."""
 
+    def extract(self, completion: str) -> str | None:
+        """The final answer of a completion (for majority votes), or None when it has none."""
+        raise NotImplementedError(
+            f"task '{self.cfg.get('name')}' cannot extract answers, so maj@k and agreement are unavailable"
+        )
+
+    def similar(self, record: dict, count: int, seed: int) -> list[dict]:
+        """``count`` new problems like ``record`` (same difficulty, answer known, not in the test
+        set), for test-time self-improvement."""
+        raise NotImplementedError(f"task '{self.cfg.get('name')}' cannot synthesise similar problems")
+
     def clean(self, completion: str) -> str:
         """The completion as it should be trained on (e.g. cut after the final answer)."""
         return completion

@@ -1,0 +1,90 @@
+"""B-STaR: Balanced Self-Taught Reasoner (Zeng et al., 2024). docs/methods/bstar.md maps the
+paper to this.
+
+M0 <- warm start: SFT on the seed rationales
+for t = 1..T:
+    (temperature, n, tau) <- argmax balance score on a small query subset, sampled from M_{t-1}
+    samples <- n responses per prompt from M_{t-1} at the chosen temperature
+    D_t     <- responses with a correct answer and reward (self-certainty) >= tau
+    M_t     <- SFT(M_{t-1}, D_t [+ seed replay])
+    evaluate M_t; log the chosen settings, balance score, exploration and exploitation
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from selfimprove import tasks
+from selfimprove.balance import balance_search, generate_searched, select
+from selfimprove.data import keep_correct, task_prompts
+from selfimprove.evaluation import evaluate
+from selfimprove.methods.common import warm_start
+from selfimprove.monitoring import monitor
+from selfimprove.pipeline import Run
+from selfimprove.scoring import score
+from selfimprove.scoring.certainty import certainty
+from selfimprove.training import sft
+
+
+def bstar(cfg: DictConfig, run: Run) -> None:
+    m, hw, gen = cfg.method, cfg.hardware, cfg.generator
+    dataset = tasks.spec(cfg.dataset)
+    seeds, model, _ = warm_start(cfg, run, dataset)
+
+    for it in run.iterations(m.iterations):
+        seed = cfg.seed * 1000 + it.index
+        prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
+        settings = it.stage(
+            "search",
+            balance_search,
+            model=model,
+            prompts=prompts,
+            dataset=dataset,
+            search=m.search,
+            sampling=m.sampling,
+            generator=gen,
+            hardware=hw,
+            seed=seed,
+        )
+        samples = it.stage(
+            "generate",
+            generate_searched,
+            model=model,
+            prompts=prompts,
+            settings=settings,
+            sampling=m.sampling,
+            generator=gen,
+            hardware=hw,
+            seed=seed,
+        )
+        scored = it.stage("score", score, samples=samples, dataset=dataset)
+        certain = it.stage("certainty", certainty, model=model, scored=scored, hardware=hw)
+        chosen = it.stage("select", select, scored=certain, settings=settings)
+        data = it.stage(
+            "build",
+            keep_correct,
+            scored=[chosen],
+            dataset=dataset,
+            max_per_prompt=m.max_per_prompt,
+            replay=seeds if m.replay_seed_data else None,
+            seed=seed,
+        )
+        model = it.stage("train", sft, model=model, data=data, train=m.train, hardware=hw, seed=seed)
+        run.record(
+            it.index,
+            it.stage(
+                "eval",
+                evaluate,
+                model=model,
+                dataset=dataset,
+                generator=gen,
+                hardware=hw,
+                seed=seed,
+                eval=cfg.eval,
+            ),
+            samples,
+            scored,
+            settings,
+            data,
+            it.stage("monitor", monitor, scored=certain, kept=data, dataset=dataset),
+        )

@@ -1,0 +1,38 @@
+"""The warm start every rejection-sampling method begins with (STaR's few-shot prompt analogue)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from selfimprove.data import seed_data
+from selfimprove.evaluation import evaluate
+from selfimprove.models import init_model
+from selfimprove.pipeline import Artifact, Run
+from selfimprove.training import sft
+
+
+def warm_start(
+    cfg: DictConfig, run: Run, dataset: dict, hint_fraction: float = 0.0
+) -> tuple[Artifact, Artifact, Artifact]:
+    """M0: build the model, fine-tune it on the seed demonstrations, evaluate it (iteration 0).
+    Returns (seed data, warm-started model, its evaluation). Same stages and inputs as STaR's warm start."""
+    m, hw = cfg.method, cfg.hardware
+    base = run.stage("init", init_model, model=cfg.model, seed=cfg.seed)
+    seeds = run.stage(
+        "warmstart/data", seed_data, dataset=dataset, hint_fraction=hint_fraction, seed=cfg.seed
+    )
+    model = run.stage(
+        "warmstart/train", sft, model=base, data=seeds, train=m.warmstart, hardware=hw, seed=cfg.seed
+    )
+    evaluated = run.stage(
+        "warmstart/eval",
+        evaluate,
+        model=model,
+        dataset=dataset,
+        generator=cfg.generator,
+        hardware=hw,
+        seed=cfg.seed,
+        eval=cfg.eval,
+    )
+    run.record(0, evaluated)
+    return seeds, model, evaluated

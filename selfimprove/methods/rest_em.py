@@ -1,0 +1,81 @@
+"""ReST-EM: Expectation-Maximization for Reinforced Self-Training (Singh et al., 2023).
+docs/methods/rest_em.md maps the paper to this.
+
+M0 <- warm start: SFT on the seed rationales (the paper: the pretrained base model)
+for i = 1..I:
+    E-step: D_i <- sample K solutions per prompt x from M_{i-1}; score with the binary reward r;
+            keep (x, y) with r(x, y) >= threshold, at most `max_per_prompt` per prompt
+    M-step: M_i <- SFT(M_0, D_i)          always from the base, on this iteration's data only
+    evaluate M_i on held-out sets; monitor exploration / exploitation of D_i
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from selfimprove import tasks
+from selfimprove.data import keep_correct, task_prompts
+from selfimprove.evaluation import evaluate
+from selfimprove.generation import generate
+from selfimprove.methods.common import warm_start
+from selfimprove.monitoring import monitor
+from selfimprove.pipeline import Run
+from selfimprove.scoring import score
+from selfimprove.scoring.certainty import certainty
+from selfimprove.training import sft
+
+
+def rest_em(cfg: DictConfig, run: Run) -> None:
+    m, hw, gen = cfg.method, cfg.hardware, cfg.generator
+    dataset = tasks.spec(cfg.dataset)
+    seeds, base, _ = warm_start(cfg, run, dataset)
+    model = base
+
+    for it in run.iterations(m.iterations):
+        seed = cfg.seed * 1000 + it.index
+        # the paper reuses one fixed training set every iteration
+        prompts = it.stage(
+            "prompts", task_prompts, dataset=dataset, iteration=1 if m.fixed_prompts else it.index
+        )
+        # E-step: sample, score, filter by reward threshold, cap per prompt
+        samples = it.stage(
+            "generate",
+            generate,
+            model=model,
+            prompts=prompts,
+            sampling=m.sampling,
+            generator=gen,
+            hardware=hw,
+            seed=seed,
+        )
+        scored = it.stage("score", score, samples=samples, dataset=dataset)
+        certain = it.stage("certainty", certainty, model=model, scored=scored, hardware=hw)
+        data = it.stage(
+            "build",
+            keep_correct,
+            scored=[scored],
+            dataset=dataset,
+            max_per_prompt=m.max_per_prompt,
+            replay=seeds if m.replay_seed_data else None,
+            seed=seed,
+            min_reward=m.reward_threshold,
+        )
+        # M-step: fine-tune the base model, not the previous iterate
+        model = it.stage("train", sft, model=base, data=data, train=m.train, hardware=hw, seed=seed)
+        run.record(
+            it.index,
+            it.stage(
+                "eval",
+                evaluate,
+                model=model,
+                dataset=dataset,
+                generator=gen,
+                hardware=hw,
+                seed=seed,
+                eval=cfg.eval,
+            ),
+            samples,
+            scored,
+            data,
+            it.stage("monitor", monitor, scored=certain, kept=data, dataset=dataset),
+        )

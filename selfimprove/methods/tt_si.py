@@ -1,0 +1,60 @@
+"""TT-SI: Test-Time Self-Improvement (Acikgoz et al., 2025). docs/methods/tt_si.md maps the
+paper to this.
+
+M <- warm start: SFT on the seed rationales; evaluate M (accuracy without test-time training)
+U <- test items x on which M is uncertain: confidence(M, x) < threshold
+for each x in U (or each group of items):
+    S_x <- similar problems (drawn by the task) solved by M (TT-SI) or by a teacher T (TT-D)
+    M_x <- LoRA fine-tune of M on S_x for a few steps; answer x with M_x; reset the adapter
+report accuracy with test-time training (iteration 1) against without (iteration 0), and |S|
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from selfimprove import tasks
+from selfimprove.methods.common import warm_start
+from selfimprove.pipeline import Run
+from selfimprove.testtime import adapt_and_answer, synthesize, uncertainty
+
+
+def tt_si(cfg: DictConfig, run: Run) -> None:
+    m, hw, gen = cfg.method, cfg.hardware, cfg.generator
+    dataset = tasks.spec(cfg.dataset)
+    _, model, evaluated = warm_start(cfg, run, dataset)
+
+    items = run.stage(
+        "tt/uncertainty",
+        uncertainty,
+        model=model,
+        evaluated=evaluated,
+        dataset=dataset,
+        uncertain=m.uncertainty,
+        generator=gen,
+        hardware=hw,
+        seed=cfg.seed,
+    )
+    examples = run.stage(
+        "tt/synthesize",
+        synthesize,
+        model=model,
+        items=items,
+        dataset=dataset,
+        synthesis=m.synthesis,
+        generator=gen,
+        hardware=hw,
+        seed=cfg.seed,
+    )
+    answers = run.stage(
+        "tt/adapt",
+        adapt_and_answer,
+        model=model,
+        items=items,
+        synthesized=examples,
+        dataset=dataset,
+        adapt=m.adapt,
+        hardware=hw,
+        seed=cfg.seed,
+    )
+    run.record(1, items, examples, answers)

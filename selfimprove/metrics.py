@@ -1,0 +1,122 @@
+"""Metrics shared by every method: pure functions over numbers and records (no I/O, no models).
+
+- ``pass_at_k``: the unbiased estimator of Chen et al. (2021) from n >= k samples.
+- ``majority`` / ``maj_at_k``: majority vote over extracted answers (Wang et al. 2023).
+- ``self_certainty``: mean over completion tokens of KL(uniform || p) (Kang et al. 2025).
+- ``balance_score``: B-STaR's exploration x exploitation score (Zeng et al. 2024).
+- ``auroc``: how well a scalar score separates correct from wrong samples.
+- ``exploration`` / ``exploitation``: what B-STaR monitors per iteration, from scored records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+
+from selfimprove.registry import ConfigError
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """P(at least one of k samples drawn without replacement from n is correct), c of n correct:
+    1 - C(n-c, k) / C(n, k)."""
+    if not 0 < k <= n or not 0 <= c <= n:
+        raise ConfigError(f"pass@k needs 0 < k <= n and 0 <= c <= n (got n={n}, c={c}, k={k})")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority(answers: Sequence[str | None]) -> str | None:
+    """The most frequent non-None answer; ties go to the answer seen first. None if there is none."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
+
+
+def maj_at_k(answers: Sequence[str | None], reference: str, k: int) -> float:
+    """1.0 when the majority answer of the first ``k`` samples equals ``reference``."""
+    if not 0 < k <= len(answers):
+        raise ConfigError(f"maj@k needs 0 < k <= number of samples (got k={k}, samples={len(answers)})")
+    return float(majority(answers[:k]) == str(reference))
+
+
+def self_certainty(logits, mask=None) -> float:
+    """Kang et al. (2025): the mean over positions of KL(U || p) = -log V - mean_v log p_v, where
+    ``logits`` is [T, V] (the distributions that predicted the completion's T tokens). ``mask``
+    (bool [T]) selects positions; higher means more certain."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    per_token = -math.log(logits.shape[-1]) - logp.mean(dim=-1)
+    if mask is not None:
+        per_token = per_token[mask]
+    return float(per_token.mean()) if per_token.numel() else float("nan")
+
+
+def balance_score(groups: Sequence[tuple[int, int]], n_star: int) -> float:
+    """B-STaR's balance score, averaged over queries. Each group is (n_c, n_sel): unique correct
+    responses among the selected ones, and selected responses. A query with nothing selected
+    scores 0."""
+    if n_star < 1:
+        raise ConfigError(f"balance score needs n_star >= 1 (got {n_star})")
+    if not groups:
+        return 0.0
+    per_query = [min(nc / n_star, 1.0) * nc / nsel if nsel else 0.0 for nc, nsel in groups]
+    return sum(per_query) / len(per_query)
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve (ties count one half); None when one class is missing."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def by_prompt(records: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[r["id"]].append(r)
+    return groups
+
+
+def exploration(records: list[dict], extract, clean) -> dict:
+    """Diversity of the sampled train set (B-STaR's exploration): distinct correct rationales and
+    distinct answers per prompt, and pass@n - pass@1 (how much sampling more finds)."""
+    groups = [g for g in by_prompt(records).values() if all(r["reward"] is not None for r in g)]
+    if not groups:
+        return {}
+    distinct_correct = [len({clean(r["completion"]) for r in g if r["reward"] >= 1.0}) for g in groups]
+    distinct_answers = [len({extract(r["completion"]) for r in g} - {None}) for g in groups]
+    p1 = [pass_at_k(len(g), sum(r["reward"] >= 1.0 for r in g), 1) for g in groups]
+    pn = [float(any(r["reward"] >= 1.0 for r in g)) for g in groups]
+    mean = lambda xs: round(sum(xs) / len(xs), 4)  # noqa: E731
+    return {
+        "explore/distinct_correct": mean(distinct_correct),
+        "explore/distinct_answers": mean(distinct_answers),
+        "explore/pass@1": mean(p1),
+        "explore/pass@n": mean(pn),
+        "explore/pass@n-pass@1": round(mean(pn) - mean(p1), 4),
+    }
+
+
+def exploitation(records: list[dict], kept_rewards: list[float] | None = None) -> dict:
+    """How well the selection separates correct from wrong samples (B-STaR's exploitation).
+    ``records`` carry ``reward`` (the oracle verifier) and optionally ``certainty`` (a scalar
+    reward); ``kept_rewards`` are the oracle rewards of the samples the method kept. Reports the
+    precision of the kept set (for a binary selector), the AUROC of the scalar
+    score, and best-of-n accuracy when the most certain sample of each prompt is picked."""
+    out: dict = {}
+    judged = [r for r in records if r["reward"] is not None]
+    if kept_rewards:
+        out["exploit/kept_precision"] = round(sum(r >= 1.0 for r in kept_rewards) / len(kept_rewards), 4)
+    scored = [r for r in judged if r.get("certainty") is not None and not math.isnan(r["certainty"])]
+    if scored:
+        area = auroc([r["certainty"] for r in scored], [r["reward"] >= 1.0 for r in scored])
+        out["exploit/auroc_certainty"] = round(area, 4) if area is not None else None
+        best = [max(g, key=lambda r: r["certainty"]) for g in by_prompt(scored).values()]
+        out["exploit/bon_certainty"] = round(sum(r["reward"] >= 1.0 for r in best) / len(best), 4)
+    return out

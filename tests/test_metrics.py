@@ -1,0 +1,141 @@
+"""Shared metrics against hand-computed values, and self-certainty against a direct computation
+from a real tiny model's logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from selfimprove.balance import balance_of
+from selfimprove.metrics import (
+    auroc,
+    balance_score,
+    exploitation,
+    exploration,
+    maj_at_k,
+    majority,
+    pass_at_k,
+    self_certainty,
+)
+from selfimprove.registry import ConfigError
+from selfimprove.tasks.arithmetic import extract_answer
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "expected"),
+    [
+        (5, 2, 1, 2 / 5),
+        (5, 2, 2, 1 - 3 / 10),  # 1 - C(3,2)/C(5,2)
+        (5, 2, 3, 1 - 1 / 10),  # 1 - C(3,3)/C(5,3)
+        (5, 2, 4, 1.0),  # fewer than k wrong samples: some correct one is always drawn
+        (8, 0, 8, 0.0),
+        (10, 3, 5, 1 - 21 / 252),  # 1 - C(7,5)/C(10,5)
+    ],
+)
+def test_pass_at_k_is_the_unbiased_estimator(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_rejects_k_above_n():
+    with pytest.raises(ConfigError, match="k=3"):
+        pass_at_k(2, 1, 3)
+
+
+def test_majority_vote_ignores_none_and_breaks_ties_by_first_seen():
+    answers = ["5", "7", "7", None, "5", "5"]
+    assert [maj_at_k(answers, "5", k) for k in (1, 2, 3, 4, 6)] == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert majority([None, None]) is None and maj_at_k([None], "5", 1) == 0.0
+
+
+def test_balance_score_by_hand():
+    # per query min(n_c/4, 1) * n_c/n_sel: 0.5*0.5, 0 (nothing selected), 0.25*1, 1*1 -> mean 0.375
+    assert balance_score([(2, 4), (0, 0), (1, 1), (5, 5)], n_star=4) == pytest.approx(0.375)
+
+
+def test_balance_of_counts_unique_correct_selected():
+    def rec(pid, completion, reward, certainty):
+        return {"id": pid, "completion": completion, "reward": reward, "certainty": certainty}
+
+    records = [
+        rec("a", "x;ans 3", 1.0, 0.9),
+        rec("a", "x;ans 3junk", 1.0, 0.5),  # the same rationale once cleaned: not unique
+        rec("a", "y;ans 3", 1.0, 0.2),
+        rec("a", "z;ans 4", 0.0, 0.99),  # wrong: never selected
+        rec("b", "w;ans 5", 0.0, 0.7),
+    ]
+    clean = lambda c: c[: c.index("ans") + 5]  # noqa: E731
+    # no threshold: a selects 3, 2 unique -> min(2/2,1)*2/3; b selects none -> 0
+    assert balance_of(records, None, 2, clean) == pytest.approx((2 / 3) / 2)
+    # threshold 0.4: a selects 2 (same rationale), 1 unique -> 0.5*0.5
+    assert balance_of(records, 0.4, 2, clean) == pytest.approx(0.25 / 2)
+
+
+def test_auroc_with_ties_and_missing_class():
+    assert auroc([0.9, 0.8, 0.3, 0.8], [True, True, False, False]) == pytest.approx(3.5 / 4)
+    assert auroc([0.1, 0.2], [True, True]) is None
+
+
+def test_exploration_and_exploitation_by_hand():
+    def rec(pid, completion, reward, certainty):
+        return {"id": pid, "completion": completion, "reward": reward, "certainty": certainty}
+
+    records = [
+        rec("a", "1;ans 12", 1.0, 0.9),
+        rec("a", "2;ans 12", 1.0, 0.1),
+        rec("a", "3;ans 13", 0.0, 0.5),
+        rec("a", "junk", 0.0, 0.4),
+        rec("b", "4;ans 7", 0.0, 0.8),
+        rec("b", "5;ans 8", 1.0, 0.3),
+        rec("b", "6;ans 7", 0.0, 0.2),
+        rec("b", "7;ans 9", 0.0, 0.1),
+    ]
+    explore = exploration(records, extract_answer, lambda c: c)
+    assert explore["explore/distinct_correct"] == 1.5  # a: 2, b: 1
+    assert explore["explore/distinct_answers"] == 2.5  # a: {12, 13}, b: {7, 8, 9}
+    assert explore["explore/pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    assert explore["explore/pass@n"] == 1.0
+    exploit = exploitation(records, kept_rewards=[1.0, 1.0, 0.0, 1.0])
+    assert exploit["exploit/kept_precision"] == 0.75
+    # correct: .9 .1 .3; wrong: .5 .4 .8 .2 .1 -> wins 5 + 0.5 + 2 = 7.5 of 15
+    assert exploit["exploit/auroc_certainty"] == 0.5
+    assert exploit["exploit/bon_certainty"] == 0.5  # a picks .9 (right), b picks .8 (wrong)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from selfimprove.models import build_tiny
+    from tests.conftest import compose_cfg
+
+    out = tmp_path_factory.mktemp("tiny")
+    build_tiny(dict(compose_cfg(["model.intermediate_size=128"]).model), out, seed=3)
+    return out
+
+
+def test_self_certainty_matches_a_direct_computation_from_logits(tiny_model):
+    import torch
+
+    from selfimprove.models import load_model
+    from selfimprove.scoring.certainty import certainties
+
+    hardware = {"device": "cpu", "dtype": "float32"}
+    records = [
+        {"prompt": "12+34:", "completion": "2+4+0=06|6;ans 46"},
+        {"prompt": "5+5:", "completion": "5+5+0=10|0;ans 10"},
+        {"prompt": "7+1:", "completion": ""},
+    ]
+    got = certainties(tiny_model, records, hardware, batch_size=8)  # batched, right-padded
+    lm, tok = load_model(tiny_model, hardware)
+    for record, value in zip(records[:2], got):
+        ids = tok(record["prompt"] + record["completion"], add_special_tokens=False)["input_ids"]
+        n_prompt = len(tok(record["prompt"], add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([ids])).logits[0]
+        vocab = logits.shape[-1]
+        kl = []  # KL(U || p) = sum_v (1/V) log((1/V) / p_v), per predicted completion token
+        for t in range(n_prompt - 1, len(ids) - 1):
+            p = torch.softmax(logits[t].double(), dim=-1)
+            kl.append(float(sum((1 / vocab) * math.log((1 / vocab) / float(p[v])) for v in range(vocab))))
+        assert value == pytest.approx(sum(kl) / len(kl), rel=1e-4)
+    assert got[2] is None
+    assert self_certainty(torch.zeros(3, 10)) == pytest.approx(0.0, abs=1e-6)  # uniform: no certainty

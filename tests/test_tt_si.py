@@ -1,0 +1,73 @@
+"""Test-time self-improvement: the LoRA adapter really trains and really resets; the method end to
+end (TT-SI), and TT-D recomputes only the synthesis with the teacher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selfimprove.app import run
+from selfimprove.models import build_tiny
+from selfimprove.pipeline import DONE, read_jsonl
+from selfimprove.testtime import fine_tune, lora_model
+from tests.conftest import compose_cfg
+
+pytestmark = pytest.mark.slow
+
+TINY_TT = [
+    "method=tt_si",
+    "method.warmstart.steps=30",
+    "dataset.seed_per_level=100",
+    "dataset.test_levels=[2]",
+    "dataset.test_per_level=6",
+    "model.intermediate_size=128",
+    "method.uncertainty.samples=2",
+    "method.synthesis.problems=2",
+    "method.synthesis.solutions=2",
+    "method.adapt.steps=2",
+    "method.adapt.items_per_adapter=3",
+]
+
+
+def test_lora_adapter_trains_then_resets(tmp_path):
+    import torch
+
+    build_tiny(dict(compose_cfg(["model.intermediate_size=128"]).model), tmp_path, seed=0)
+    adapt = {"rank": 4, "alpha": 8, "target_modules": "all-linear", "lr": 1e-2, "steps": 5}
+    lm, tok, initial = lora_model(tmp_path, adapt, {"device": "cpu", "dtype": "float32"})
+    ids = torch.tensor([tok("12+30:2+0+0=02", add_special_tokens=False)["input_ids"]])
+    lm.eval()
+    with torch.no_grad():
+        before = lm(input_ids=ids).logits
+    examples = [{"prompt": "12+30:", "completion": "2+0+0=02|2;ans 42"}]
+    fine_tune(lm, tok, initial, examples, adapt)
+    with torch.no_grad():
+        trained = lm(input_ids=ids).logits
+    fine_tune(lm, tok, initial, examples, {**adapt, "steps": 0})  # reset only
+    with torch.no_grad():
+        reset = lm(input_ids=ids).logits
+    assert not torch.allclose(before, trained, atol=1e-4), "the adapter changed the model"
+    assert torch.allclose(before, reset, atol=1e-6), "resetting restores the base model"
+
+
+def test_tt_si_end_to_end_and_tt_d_with_a_teacher(tmp_path):
+    root = tmp_path / "run"
+    rows = run(compose_cfg([*TINY_TT, f"run_dir={root}"]))
+    assert [r["iteration"] for r in rows] == [0, 1]
+    items = read_jsonl(root / "tt/uncertainty/items.jsonl")
+    assert rows[1]["tt/uncertain"] == sum(r["uncertain"] for r in items) and len(items) == 6
+    synthesized = read_jsonl(root / "tt/synthesize/train.jsonl")
+    assert all(r["reward"] == 1.0 for r in synthesized), "verify=true keeps verified solutions only"
+    assert rows[1]["tt/train_samples_used"] == len(synthesized)
+    answers = read_jsonl(root / "tt/adapt/answers.jsonl")
+    certain = {r["id"]: r["completion"] for r in items if not r["uncertain"]}
+    assert all(r["completion"] == certain[r["id"]] for r in answers if r["id"] in certain)
+
+    teacher = root / "warmstart" / "train"  # any model folder; here the student's own warm start
+    run(compose_cfg([*TINY_TT, f"method.synthesis.teacher={teacher}", f"run_dir={root}"]))
+    events = [json.loads(line) for line in (root / "events.jsonl").read_text().splitlines()][-6:]
+    actions = {e["stage"]: e["action"] for e in events}
+    assert actions["tt/uncertainty"] == "reused" and actions["tt/synthesize"] == "computed"
+    marker = json.loads((root / "tt/synthesize" / DONE).read_text())
+    assert marker["inputs"]["synthesis"]["teacher"] == str(teacher)
