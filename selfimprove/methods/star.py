@@ -5,6 +5,7 @@ for n = 1..N:
     r_i  <- sample k rationales per prompt x_i from M_{n-1}
     r^_i <- rationalize: for x_i with no correct r_i, sample with the answer as a hint
     D_n  <- {(x_i, r_i) : answer(r_i) = y_i} U {(x_i, r^_i) : answer(r^_i) = y_i}   (hints dropped)
+            [U D_{n-1} if accumulate: every correct rationale found so far]
     M_n  <- SFT(M_0 if restart_from_base else M_{n-1}, D_n [+ seed replay])
     evaluate M_n on held-out sets; monitor exploration / exploitation of the samples
 """
@@ -14,10 +15,10 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from selfimprove import tasks
-from selfimprove.data import hint_prompts, keep_correct, seed_data, task_prompts
+from selfimprove.data import hint_prompts, keep_correct, task_prompts
 from selfimprove.evaluation import evaluate
 from selfimprove.generation import generate
-from selfimprove.models import init_model
+from selfimprove.methods.common import warm_start
 from selfimprove.monitoring import monitor
 from selfimprove.pipeline import Run
 from selfimprove.scoring import score
@@ -30,26 +31,7 @@ def star(cfg: DictConfig, run: Run) -> None:
     dataset = tasks.spec(cfg.dataset)
     hint_fraction = m.warmstart_hint_fraction if m.rationalize else 0.0
 
-    base = run.stage("init", init_model, model=cfg.model, seed=cfg.seed)
-    seeds = run.stage(
-        "warmstart/data", seed_data, dataset=dataset, hint_fraction=hint_fraction, seed=cfg.seed
-    )
-    model = run.stage(
-        "warmstart/train", sft, model=base, data=seeds, train=m.warmstart, hardware=hw, seed=cfg.seed
-    )
-    run.record(
-        0,
-        run.stage(
-            "warmstart/eval",
-            evaluate,
-            model=model,
-            dataset=dataset,
-            generator=gen,
-            hardware=hw,
-            seed=cfg.seed,
-            eval=cfg.eval,
-        ),
-    )
+    seeds, model, _ = warm_start(cfg, run, dataset, hint_fraction)
     start, found = model, []
 
     for it in run.iterations(m.iterations):
