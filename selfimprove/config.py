@@ -233,6 +233,8 @@ class LengthGen:
     rounds: int = MISSING
     labelling: Sampling = MISSING
     vote: bool = MISSING
+    warmstart: Train = MISSING
+    train: Train = MISSING
 
 
 @dataclass
