@@ -17,8 +17,7 @@ from omegaconf import DictConfig
 from selfimprove import tasks
 from selfimprove.balance import balance_search, generate_searched, select
 from selfimprove.data import keep_correct, task_prompts
-from selfimprove.evaluation import evaluate
-from selfimprove.methods.common import warm_start
+from selfimprove.methods.common import held_out_eval, warm_start
 from selfimprove.monitoring import monitor
 from selfimprove.pipeline import Run
 from selfimprove.scoring import score
@@ -72,16 +71,7 @@ def bstar(cfg: DictConfig, run: Run) -> None:
         model = it.stage("train", sft, model=model, data=data, train=m.train, hardware=hw, seed=seed)
         run.record(
             it.index,
-            it.stage(
-                "eval",
-                evaluate,
-                model=model,
-                dataset=dataset,
-                generator=gen,
-                hardware=hw,
-                seed=seed,
-                eval=cfg.eval,
-            ),
+            held_out_eval(it, "eval", cfg, model, dataset, seed),
             samples,
             scored,
             settings,

@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 from selfimprove.data import seed_data
 from selfimprove.evaluation import evaluate
 from selfimprove.models import init_model
-from selfimprove.pipeline import Artifact, Run
+from selfimprove.pipeline import Artifact, Iteration, Run
 from selfimprove.training import sft
 
 
@@ -24,15 +24,22 @@ def warm_start(
     model = run.stage(
         "warmstart/train", sft, model=base, data=seeds, train=m.warmstart, hardware=hw, seed=cfg.seed
     )
-    evaluated = run.stage(
-        "warmstart/eval",
+    evaluated = held_out_eval(run, "warmstart/eval", cfg, model, dataset, cfg.seed)
+    run.record(0, evaluated)
+    return seeds, model, evaluated
+
+
+def held_out_eval(
+    owner: Run | Iteration, name: str, cfg: DictConfig, model: Artifact, dataset: dict, seed: int
+) -> Artifact:
+    """The evaluation stage every method runs after each training stage (same inputs everywhere)."""
+    return owner.stage(
+        name,
         evaluate,
         model=model,
         dataset=dataset,
         generator=cfg.generator,
-        hardware=hw,
-        seed=cfg.seed,
+        hardware=cfg.hardware,
+        seed=seed,
         eval=cfg.eval,
     )
-    run.record(0, evaluated)
-    return seeds, model, evaluated

@@ -16,9 +16,8 @@ from omegaconf import DictConfig
 
 from selfimprove import tasks
 from selfimprove.data import hint_prompts, keep_correct, task_prompts
-from selfimprove.evaluation import evaluate
 from selfimprove.generation import generate
-from selfimprove.methods.common import warm_start
+from selfimprove.methods.common import held_out_eval, warm_start
 from selfimprove.monitoring import monitor
 from selfimprove.pipeline import Run
 from selfimprove.scoring import score
@@ -84,16 +83,7 @@ def star(cfg: DictConfig, run: Run) -> None:
         )
         run.record(
             it.index,
-            it.stage(
-                "eval",
-                evaluate,
-                model=model,
-                dataset=dataset,
-                generator=gen,
-                hardware=hw,
-                seed=seed,
-                eval=cfg.eval,
-            ),
+            held_out_eval(it, "eval", cfg, model, dataset, seed),
             data,
             scored[0],
             it.stage("monitor", monitor, scored=certain, kept=data, dataset=dataset),
