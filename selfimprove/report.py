@@ -50,6 +50,8 @@ def find_runs(path: Path) -> list[RunResult]:
     if not found:
         raise ConfigError(f"{path} holds no run directory (no {METRICS} at or below it)")
     runs = []
+    # not a setting: the seed (averaged over) and keys that do not change results
+    not_settings = keys_outside_run_identity() | {"seed", "hydra.sweep.dir"}
     for run in found:
         overrides = (
             OmegaConf.to_container(OmegaConf.load(run / "overrides.yaml"))
@@ -57,8 +59,6 @@ def find_runs(path: Path) -> list[RunResult]:
             else []
         )
         setting = {}
-        # not a setting: the seed (averaged over) and keys that do not change results
-        not_settings = keys_outside_run_identity() | {"seed", "hydra.sweep.dir"}
         for item in overrides:
             key, _, value = str(item).lstrip("+~").partition("=")
             if key not in not_settings:
