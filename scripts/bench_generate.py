@@ -114,14 +114,21 @@ def raw_hf(folder: Path, prompts: list[str], sampling: dict, hardware: dict, bat
     model.to(resolve_device(hardware["device"])).eval()
     loaded = time.perf_counter()
     n, tokens, samples = sampling["n"], 0, 0
+    stops = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     torch.manual_seed(0)
     with torch.inference_mode():
         per_batch = max(1, batch_size // n)  # sequences per call, as the hf backend batches
         for start in range(0, len(prompts), per_batch):
-            batch = tokenizer(prompts[start : start + per_batch], return_tensors="pt", padding=True)
+            batch = tokenizer(
+                prompts[start : start + per_batch],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            )
             batch = batch.to(model.device)
             out = model.generate(
                 **batch,
+                eos_token_id=stops,  # the stop rule of both backends: EOS or a generated pad token
                 do_sample=True,
                 temperature=sampling["temperature"],
                 top_p=sampling["top_p"],
@@ -131,7 +138,9 @@ def raw_hf(folder: Path, prompts: list[str], sampling: dict, hardware: dict, bat
             )[:, batch["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(out, skip_special_tokens=True)
             samples += len(texts)
-            tokens += int(((out != tokenizer.pad_token_id) & (out != tokenizer.eos_token_id)).sum())
+            # tokens before the first stop token of each row (after it, generate pads)
+            stopped = (out == stops[0]) | (out == stops[1])
+            tokens += int((stopped.cumsum(dim=1) == 0).sum())
     return {
         "seconds": time.perf_counter() - started,
         "load": loaded - started,
@@ -163,17 +172,32 @@ def raw_vllm_child(engine: dict, jobs: list[tuple[list[str], dict]]) -> dict:
     llm = LLM(**engine)
     ready = time.perf_counter()
     results = []
+    pad = llm.get_tokenizer().pad_token_id
     for prompts, s in jobs:
-        params = SamplingParams(
-            n=s["n"], temperature=s["temperature"], top_p=s["top_p"], max_tokens=s["max_tokens"]
-        )
+        # the settings our stage passes: one seed per request, a generated pad token ends a sample
+        params = [
+            SamplingParams(
+                n=s["n"],
+                temperature=s["temperature"],
+                top_p=s["top_p"],
+                max_tokens=s["max_tokens"],
+                seed=i,
+                stop_token_ids=[pad],
+            )
+            for i in range(len(prompts))
+        ]
         t = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
+        outs = llm.generate(
+            prompts, params, use_tqdm=False, tokenization_kwargs={"add_special_tokens": False}
+        )
         results.append(
             {
                 "seconds": time.perf_counter() - t,
                 "samples": sum(len(o.outputs) for o in outs),
-                "tokens": sum(len(c.token_ids) for o in outs for c in o.outputs),
+                # counted as our stage counts: a final EOS or pad is not part of the completion
+                "tokens": sum(
+                    len(c.token_ids) - (c.finish_reason == "stop") for o in outs for c in o.outputs
+                ),
             }
         )
     t = time.perf_counter()

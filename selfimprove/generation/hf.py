@@ -25,7 +25,7 @@ def generate(
     kwargs = dict(
         max_new_tokens=sampling["max_tokens"],
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_token_ids(tokenizer),
     )
     if greedy:
         kwargs.update(do_sample=False)
@@ -67,6 +67,13 @@ def generate(
                         extra["top_logprobs"] = scores[1][row][: len(tokens)]
                 results[idx[row // (1 if greedy else n)]].append((text, len(tokens), extra))
     return output_records(records, results)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """A completion ends at EOS or at a generated pad token (which only an untrained model emits);
+    both end the sequence during generation, as the vLLM backend's ``stop_token_ids`` do."""
+    ids = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    return [i for i in dict.fromkeys(ids) if i is not None]
 
 
 def token_logprobs(logits, seqs, top_k: int, tokenizer):
