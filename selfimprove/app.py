@@ -15,6 +15,7 @@ from selfimprove.pipeline import Run, StopRequested, matches_stop, write_text_at
 from selfimprove.registry import ConfigError
 from selfimprove.store import Store
 from selfimprove.tracking import Tracker
+from selfimprove.training import launch
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 MAX_NAME = 120
@@ -131,6 +132,7 @@ def run(cfg: DictConfig) -> list[dict]:
     root = run_dir_of(cfg)
     # the backend actually used goes into the config, so that stage fingerprints name it
     cfg.generator.backend = resolve_backend(cfg.generator, cfg.hardware, say=lambda msg: console.print(msg))
+    launch.check(cfg.hardware)
     planned = plan(cfg, root)
     check_stop_after(cfg, planned)
 

@@ -349,8 +349,12 @@ class Hardware:
     device: Device = MISSING
     dtype: DType = MISSING
     num_threads: int | None = None
+    # multi-process training through accelerate (training/launch.py)
+    accelerate: str | None = MISSING
+    num_processes: int | None = MISSING
     # vLLM engine settings (defaults and units are in conf/hardware/*.yaml)
     tensor_parallel_size: int = MISSING
+    data_parallel_size: int = MISSING
     gpu_memory_utilization: float = MISSING
     max_model_len: int | None = MISSING
     kv_cache_memory_bytes: int | None = MISSING

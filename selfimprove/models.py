@@ -159,8 +159,9 @@ def torch_dtype(name: str):
     return allowed[name]
 
 
-def load_model(artifact: Artifact | Path, hardware: dict, for_training: bool = False):
-    """Load (model, tokenizer) from a model artifact onto the configured device."""
+def load_model(artifact: Artifact | Path, hardware: dict, for_training: bool = False, place: bool = True):
+    """Load (model, tokenizer) from a model artifact onto the configured device (``place=False``:
+    leave it on the CPU, for a trainer under accelerate that places or shards it per process)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = artifact.path if isinstance(artifact, Artifact) else Path(artifact)
@@ -172,11 +173,12 @@ def load_model(artifact: Artifact | Path, hardware: dict, for_training: bool = F
     if base:  # a LoRA adapter: load its base model, apply the adapter and merge it
         from peft import PeftModel
 
-        base_model, _ = load_model((folder / base).resolve(), hardware, for_training)
+        base_model, _ = load_model((folder / base).resolve(), hardware, for_training, place)
         model = PeftModel.from_pretrained(base_model, where).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(hardware["dtype"]), **kwargs)
-    model.to(resolve_device(hardware["device"]))
+    if place:
+        model.to(resolve_device(hardware["device"]))
     model.train(for_training)
     return model, tokenizer
 

@@ -138,6 +138,11 @@ def test_per_request_seeds_reproduce_and_differ_between_identical_prompts(setup)
     by_prompt = [[r["completion"] for r in first if r["id"] == i] for i in range(len(PROMPTS))]
     assert PROMPTS[0] == PROMPTS[-1] and by_prompt[0] != by_prompt[-1], "one seed per request, not per batch"
     assert len(set(by_prompt[0])) > 1, "the n samples of one prompt differ"
+    # two engines at once (data parallel), each on half the prompts: the same samples
+    parallel = generate(
+        "vllm", {**setup, "hardware": {**setup["hardware"], "data_parallel_size": 2}}, sampling, seed=7
+    )
+    assert [(r["id"], r["completion"]) for r in parallel] == [(r["id"], r["completion"]) for r in first]
 
 
 def test_lora_adapter_is_served(setup, greedy):

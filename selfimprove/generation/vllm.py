@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from selfimprove.generation import output_records
-from selfimprove.models import model_location
+from selfimprove.models import model_location, resolve_device
 from selfimprove.pipeline import Artifact
 
 
@@ -30,7 +30,35 @@ def generate(
     model: Artifact, records: list[dict], sampling: dict, generator: dict, hardware: dict, seed: int
 ) -> list[dict]:
     job = engine_job(model, [r["prompt"] for r in records], sampling, hardware, seed)
-    return output_records(records, run_in_subprocess(job)["completions"])
+    shards = data_parallel_jobs(job, hardware)
+    if len(shards) == 1:
+        return output_records(records, run_in_subprocess(job)["completions"])
+    with ProcessPoolExecutor(len(shards), mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(run_engine, shards))
+    return output_records(records, [c for r in results for c in r["completions"]])
+
+
+def data_parallel_jobs(job: dict, hardware: dict) -> list[dict]:
+    """``hardware.data_parallel_size`` engines at once, each on its own GPUs
+    (``tensor_parallel_size`` each) and a contiguous slice of the prompts. Request seeds follow the
+    prompt's position in the whole list, so the samples do not depend on the number of engines."""
+    engines = max(1, min(hardware.get("data_parallel_size") or 1, len(job["prompts"])))
+    if engines == 1:
+        return [job]
+    tp, size = hardware["tensor_parallel_size"], -(-len(job["prompts"]) // engines)
+    on_gpu = resolve_device(hardware["device"]) == "cuda"
+    shards = []
+    for k in range(engines):
+        env = (
+            {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in range(k * tp, (k + 1) * tp))} if on_gpu else {}
+        )
+        if not on_gpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # one core each, not all on core 0
+            env.update(
+                VLLM_CPU_OMP_THREADS_BIND=str(k % (os.cpu_count() or 1)), VLLM_CPU_NUM_OF_RESERVED_CPU="0"
+            )
+        prompts = job["prompts"][k * size : (k + 1) * size]
+        shards.append({**job, "prompts": prompts, "first": k * size, "env": env})
+    return shards
 
 
 def engine_job(model: Artifact | Path, prompts: list[str], sampling: dict, hardware: dict, seed: int) -> dict:
@@ -85,6 +113,7 @@ def run_in_subprocess(job: dict) -> dict:
 def run_engine(job: dict) -> dict:
     """In the child: start the engine, generate, shut it down. Returns per-prompt lists of
     (text, token count, extra meta) and where the time went."""
+    os.environ.update(job.get("env", {}))  # a data-parallel engine's GPUs (set before vllm loads)
     if job["local"]:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder needs no hub look-ups
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # our stage lines are the progress display
@@ -108,7 +137,7 @@ def run_engine(job: dict) -> dict:
                 top_p=s["top_p"],
                 max_tokens=s["max_tokens"],
                 stop=list(s.get("stop") or []) or None,
-                seed=job["seed"] + i,
+                seed=job["seed"] + job.get("first", 0) + i,
                 stop_token_ids=stop_ids,
                 logprobs=s.get("logprobs"),
             )

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from selfimprove.models import load_model, resolve_device, uses_chat_template
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
+from selfimprove.training.launch import in_processes, launched, multi_process
 
 
 def trainer_args(train: dict, hardware: dict, out: Path, seed: int) -> dict:
@@ -62,7 +63,7 @@ class ProgressLines:
         self.say = say
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
+        if logs and "loss" in logs and state.is_world_process_zero:  # one line per step, not per process
             self.say(f"    step {state.global_step}/{state.max_steps}  loss {float(logs['loss']):.4f}")
 
 
@@ -77,14 +78,22 @@ def quiet_trainer(trainer) -> None:
 
 
 def save_trained(trainer, tokenizer, out: Path) -> dict:
-    """Save the final weights as a Hugging Face folder and keep the loss curve; drop the rest."""
+    """Save the final weights as a Hugging Face folder and keep the loss curve; drop the rest.
+    Every process calls it (FSDP and ZeRO-3 gather the weights to save); rank 0 writes the rest."""
     trainer.save_model(str(out / "model"))
+    processes = trainer.args.world_size
+    if not trainer.is_world_process_zero():
+        return {}
     tokenizer.save_pretrained(out / "model")
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=1))
     shutil.rmtree(out / "trainer", ignore_errors=True)
     losses = [h["loss"] for h in history if "loss" in h]
-    return {"steps": trainer.state.global_step, "final_loss": round(losses[-1], 4) if losses else None}
+    return {
+        "steps": trainer.state.global_step,
+        "final_loss": round(losses[-1], 4) if losses else None,
+        "processes": processes,
+    }
 
 
 def sft_rows(records: list[dict], chat: bool) -> list[dict]:
@@ -135,26 +144,28 @@ def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict,
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    if multi_process(hardware):  # hardware.accelerate: this body runs in accelerate's processes
+        return in_processes(sft, out, model=model, data=data, train=train, hardware=hardware, seed=seed)
     records = read_jsonl(data.file("train.jsonl"))
     torch.manual_seed(seed)
-    lm, tokenizer = load_model(model, hardware, for_training=True)
-    chat = uses_chat_template(model, tokenizer)
-    dataset = Dataset.from_list(sft_rows(records, chat))
+    # the trainer's arguments first: under DeepSpeed ZeRO-3 they must exist when the model loads
     config = SFTConfig(
         **trainer_args(train, hardware, out, seed), max_length=train["max_length"], packing=False
     )
+    lm, tokenizer = load_model(model, hardware, for_training=True, place=not launched())
+    chat = uses_chat_template(model, tokenizer)
+    dataset = Dataset.from_list(sft_rows(records, chat))
     peft_config = lora_config(train.get("lora"))
     trainer = SFTTrainer(
         model=lm, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
     quiet_trainer(trainer)
     trainer.train()
+    saved = save_trained(trainer, tokenizer, out)
+    if not trainer.is_world_process_zero():
+        return {}
     meta = {"chat_template": chat}
     if peft_config is not None:  # the stage folder is renamed into place, so a relative path holds
         meta["adapter_base"] = os.path.relpath(model.path, out)
     write_json_atomic(out / "model_meta.json", meta)
-    return {
-        "examples": len(records),
-        "lora": peft_config is not None,
-        **save_trained(trainer, tokenizer, out),
-    }
+    return {"examples": len(records), "lora": peft_config is not None, **saved}

@@ -1,0 +1,99 @@
+"""Multi-process training through ``accelerate launch`` (DDP, FSDP or DeepSpeed ZeRO-3).
+
+``hardware.accelerate`` names an accelerate config file: a name from
+``selfimprove/training/accelerate/`` (ddp, fsdp, deepspeed_zero3) or a path to your own. A train stage then runs its body in the processes
+that ``accelerate launch`` starts (torchrun underneath: one process per GPU, the process group set
+up by accelerate) instead of in the pipeline's process, which only waits. Rank 0 writes the
+stage's files; the stage's contract (``.partial`` folder, ``_DONE.json``) is unchanged.
+
+Why a subprocess: a process group cannot be created after the fact inside the pipeline process,
+and accelerate's launcher is what users already configure for their clusters.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from selfimprove.registry import ConfigError, unknown_choice
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate"
+LAUNCHED = "SELFIMPROVE_LAUNCHED"  # set in the launched processes, so a stage does not launch again
+
+
+def accelerate_config(name: str) -> Path:
+    """The accelerate config file for ``hardware.accelerate``: a file of training/accelerate/ by name,
+    or an existing path."""
+    shipped = {p.stem: p for p in ACCELERATE_CONFIGS.glob("*.yaml")}
+    if name in shipped:
+        return shipped[name]
+    path = Path(name).expanduser()
+    if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
+        return path.resolve()
+    raise unknown_choice("hardware.accelerate config", name, [*shipped, "PATH to an accelerate config file"])
+
+
+def check(hardware: dict) -> None:
+    """Fail at start (not at the first train stage) on a bad ``hardware.accelerate``."""
+    name = hardware.get("accelerate")
+    if name:
+        accelerate_config(name)
+        if hardware.get("num_processes") is not None and hardware["num_processes"] < 1:
+            raise ConfigError(f"hardware.num_processes={hardware['num_processes']} must be >= 1 (or null)")
+
+
+def multi_process(hardware: dict) -> bool:
+    """True when a train stage should hand its body to ``accelerate launch``."""
+    return bool(hardware.get("accelerate")) and not launched()
+
+
+def launched() -> bool:
+    return os.environ.get(LAUNCHED) == "1"
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def in_processes(fn, out: Path, **kwargs: Any) -> dict:
+    """Run the stage body ``fn(out, **kwargs)`` under ``accelerate launch`` and return rank 0's
+    result. Output (the trainer's progress lines) streams through; a failure raises with the
+    launcher's exit status."""
+    hardware = kwargs["hardware"]
+    job, result = out / "launch_job.pkl", out / "launch_result.json"
+    with open(job, "wb") as f:
+        pickle.dump({"fn": f"{fn.__module__}:{fn.__qualname__}", "out": out, "kwargs": kwargs}, f)
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    command += ["--config_file", str(accelerate_config(hardware["accelerate"]))]
+    if hardware.get("num_processes"):
+        command += ["--num_processes", str(hardware["num_processes"])]
+    command += ["-m", "selfimprove.training.launch", str(job)]
+    threads = str(hardware.get("num_threads") or os.environ.get("OMP_NUM_THREADS") or 1)
+    env = {**os.environ, LAUNCHED: "1", "OMP_NUM_THREADS": threads}
+    code = subprocess.run(command, env=env).returncode
+    if code != 0:
+        raise RuntimeError(f"accelerate launch ({hardware['accelerate']}) exited with status {code}")
+    counts = json.loads(result.read_text())
+    job.unlink()
+    result.unlink()
+    return counts
+
+
+def main() -> None:
+    """In each launched process: run the pickled stage body; rank 0 writes its result."""
+    with open(sys.argv[1], "rb") as f:
+        job = pickle.load(f)
+    module, _, name = job["fn"].partition(":")
+    counts = getattr(importlib.import_module(module), name)(job["out"], **job["kwargs"])
+    if is_main_process():
+        (Path(job["out"]) / "launch_result.json").write_text(json.dumps(counts))
+
+
+if __name__ == "__main__":
+    main()
