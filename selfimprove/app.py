@@ -33,8 +33,8 @@ OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
 def keys_outside_run_identity() -> set[str]:
-    """Override keys that do not change results, so not the run directory or a report row either:
-    Hydra's ``override_dirname.exclude_keys`` in conf/config.yaml is the one list."""
+    """Override keys that do not change results, so not the run directory, a stage's fingerprint or
+    a report row either: Hydra's ``override_dirname.exclude_keys`` in conf/config.yaml is the one list."""
     cfg = OmegaConf.load(CONF_DIR / "config.yaml")
     return set(cfg.hydra.job.config.override_dirname.exclude_keys)
 
@@ -70,6 +70,7 @@ def plan(cfg: DictConfig, root: Path) -> Run:
     """Walk the method without computing anything: the list of stages and their states."""
     planner = Run(
         root,
+        neutral=frozenset(keys_outside_run_identity()),
         plan_only=True,
         on_change=str(cfg.on_change.value if hasattr(cfg.on_change, "value") else cfg.on_change),
     )
@@ -148,6 +149,7 @@ def run(cfg: DictConfig) -> list[dict]:
         root,
         stop_after=cfg.stop_after,
         on_change=planned.on_change,
+        neutral=planned.neutral,
         log=console.print,
         on_record=tracker.log,
         store=store,

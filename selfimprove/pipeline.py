@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,14 +127,22 @@ def describe(value: Any, artifact: Callable[[Artifact], Any]) -> Any:
     return plain(value)
 
 
-def fingerprint_of(fn: Callable, inputs: dict[str, Any]) -> str:
+def fingerprint_of(fn: Callable, inputs: dict[str, Any], neutral: Iterable[str] = ()) -> str:
+    """``neutral``: dotted keys (``hardware.num_threads``) of inputs that do not change the result;
+    they are left out, so that resuming with other such settings reuses what was done."""
+
     def encode(v: Any) -> Any:
         return describe(v, lambda a: {"artifact": a.fingerprint})
 
+    encoded = {k: encode(v) for k, v in sorted(inputs.items())}
+    for key in neutral:
+        name, _, sub = key.partition(".")
+        if sub and isinstance(encoded.get(name), dict):
+            encoded[name].pop(sub, None)
     payload = {
         "fn": f"{fn.__module__}.{fn.__qualname__}",
         "version": getattr(fn, "stage_version", 1),
-        "inputs": {k: encode(v) for k, v in sorted(inputs.items())},
+        "inputs": encoded,
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -184,6 +192,7 @@ class Run:
     log: Callable[[str], None] = print
     on_record: Callable[[dict], None] | None = None
     store: Any = None  # a selfimprove.store.Store: stages with the same fingerprint are computed once
+    neutral: frozenset[str] = frozenset()  # input keys left out of fingerprints (fingerprint_of)
     plan: list[StageStatus] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: {"computed": 0, "reused": 0, "shared": 0})
     _lock_file: Any = None
@@ -226,7 +235,7 @@ class Run:
     def stage(self, name: str, fn: Callable, **inputs: Any) -> Artifact:
         if self._stopped_after is not None:  # raised here, not at once, so the method can record metrics
             raise StopRequested(self._stopped_after)
-        fp = fingerprint_of(fn, inputs)
+        fp = fingerprint_of(fn, inputs, self.neutral)
         path = self.root / name
         artifact = Artifact(name=name, path=path, fingerprint=fp)
         state = self._state(path, fp)

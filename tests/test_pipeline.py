@@ -73,6 +73,24 @@ def test_changed_input_recomputes_downstream(tmp_path):
     assert second.file("value.txt").read_text() == "6"
 
 
+@stage()
+def on_hardware(out: Path, hardware: dict) -> dict:
+    CALLS.append(f"on_hardware:{hardware['dtype']}")
+    return {}
+
+
+def test_neutral_settings_do_not_change_the_fingerprint(tmp_path):
+    neutral = frozenset({"hardware.num_threads"})
+    with quiet_run(tmp_path, neutral=neutral) as run:
+        first = run.stage("h", on_hardware, hardware={"dtype": "float32", "num_threads": 1})
+    with quiet_run(tmp_path, neutral=neutral) as run:  # more threads: reused
+        again = run.stage("h", on_hardware, hardware={"dtype": "float32", "num_threads": 8})
+    with quiet_run(tmp_path, neutral=neutral) as run:  # another dtype: recomputed
+        other = run.stage("h", on_hardware, hardware={"dtype": "bfloat16", "num_threads": 8})
+    assert CALLS == ["on_hardware:float32", "on_hardware:bfloat16"]
+    assert first.fingerprint == again.fingerprint != other.fingerprint
+
+
 def test_refuse_mode_names_the_stage(tmp_path):
     with quiet_run(tmp_path) as run:
         two_stages(run, value=1)
