@@ -325,6 +325,17 @@ class TtSi:
     adapt: Adapt = MISSING
 
 
+@dataclass
+class SelfRefine:
+    name: str = MISSING
+    max_rounds: int = MISSING
+    feedback: str = MISSING
+    two_turn_fraction: float = MISSING
+    refine_sampling: Sampling = MISSING
+    critique_tokens: int = MISSING
+    warmstart: Train = MISSING
+
+
 # -- evaluation ----------------------------------------------------------------------------------
 @dataclass
 class Eval:
@@ -395,7 +406,14 @@ GROUP_SCHEMAS = {
         "reasoning_gym": GymData,
         "humaneval": HumanEvalData,
     },
-    "method": {"star": Star, "length_gen": LengthGen, "rest_em": RestEm, "bstar": Bstar, "tt_si": TtSi},
+    "method": {
+        "star": Star,
+        "length_gen": LengthGen,
+        "rest_em": RestEm,
+        "bstar": Bstar,
+        "tt_si": TtSi,
+        "self_refine": SelfRefine,
+    },
     "eval": {"eval": Eval},
     "generator": {"generator": Generator},
     "hardware": {"hardware": Hardware},
