@@ -336,6 +336,29 @@ class SelfRefine:
     warmstart: Train = MISSING
 
 
+@dataclass
+class RL:
+    num_generations: int = MISSING
+    temperature: float = MISSING
+    max_completion_length: int = MISSING
+    beta: float = MISSING
+    loss_type: str = MISSING
+    save_steps: int = MISSING
+    use_vllm: bool = MISSING
+    vllm_mode: str = MISSING
+    # any other GRPOConfig field
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Grpo:
+    name: str = MISSING
+    iterations: int = MISSING
+    warmstart: Train = MISSING
+    train: Train = MISSING
+    rl: RL = MISSING
+
+
 # -- evaluation ----------------------------------------------------------------------------------
 @dataclass
 class Eval:
@@ -413,6 +436,7 @@ GROUP_SCHEMAS = {
         "bstar": Bstar,
         "tt_si": TtSi,
         "self_refine": SelfRefine,
+        "grpo": Grpo,
     },
     "eval": {"eval": Eval},
     "generator": {"generator": Generator},

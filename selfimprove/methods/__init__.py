@@ -13,5 +13,6 @@ METHODS = Registry(
         "bstar": "selfimprove.methods.bstar:bstar",
         "tt_si": "selfimprove.methods.tt_si:tt_si",
         "self_refine": "selfimprove.methods.self_refine:self_refine",
+        "grpo": "selfimprove.methods.grpo:grpo",
     },
 )
