@@ -55,14 +55,20 @@ def task():
     return load(spec(compose_cfg([]).dataset))
 
 
-def test_corrupted_attempt_has_one_slip_and_a_wrong_answer(task):
+def test_corrupted_attempt_slips_or_skips_a_column_and_is_wrong(task):
     rng = random.Random(0)
-    for a, b in [(573, 885), (0, 0), (9, 9), (99, 1), (10, 90)]:
-        record = {"meta": {"a": a, "b": b}}
-        gold, wrong = rationale(a, b), task.corrupt(record, rng)
+    kinds = set()
+    for a, b in [(573, 885), (0, 0), (9, 9), (99, 10), (10, 90)] * 4:
+        gold, wrong = rationale(a, b), task.corrupt({"meta": {"a": a, "b": b}}, rng)
         assert gold.endswith(f"ans {a + b}") and task.extract(wrong) != str(a + b)
-        first_diff = next(i for i, (x, y) in enumerate(zip(gold, wrong)) if x != y)
-        assert gold[:first_diff].count(";") == wrong[:first_diff].count(";")  # same steps up to the slip
+        kind = "slip" if wrong.count(";") == gold.count(";") else "skip"
+        kinds.add(kind)
+        if kind == "skip":  # the scratchpad of the operands without one column: one step fewer
+            assert wrong.count(";") == gold.count(";") - 1 and len(str(a)) > 1
+        else:  # same steps up to the slip
+            first_diff = next(i for i, (x, y) in enumerate(zip(gold, wrong)) if x != y)
+            assert gold[:first_diff].count(";") == wrong[:first_diff].count(";")
+    assert kinds == {"slip", "skip"}
     assert rationale(573, 885, slip=(1, 1)) == "3+5+0=08|8;57+88:7+8+0=16|68;5+8:5+8+1=14|468;ans 1468"
 
 

@@ -138,9 +138,15 @@ class Arithmetic(Task):
         return completion[: match.end()] if match else completion
 
     def corrupt(self, record: dict, rng: random.Random) -> str:
+        """Half the time (operands of 2+ digits) a scratchpad that skips one digit column -- the
+        mistake the tiny model makes at a length it has barely seen --, else one arithmetic slip."""
         a, b = record["meta"]["a"], record["meta"]["b"]
         width = max(len(str(a)), len(str(b)))
         step = rng.randrange(width)
+        if width > 1 and rng.random() < 0.5:
+            cut = width - 1 - step  # the column's index from the left
+            a2, b2 = (int(str(n).zfill(width)[:cut] + str(n).zfill(width)[cut + 1 :]) for n in (a, b))
+            return rationale(a2, b2)
         column = int(str(a).zfill(width)[::-1][step]) + int(str(b).zfill(width)[::-1][step])
         delta = rng.choice([d for d in (-1, 1) if 0 <= column + d <= 18])  # a sum one column can write
         return rationale(a, b, slip=(step, delta))
