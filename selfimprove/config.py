@@ -359,6 +359,22 @@ class Grpo:
     rl: RL = MISSING
 
 
+@dataclass
+class Score:
+    name: str = MISSING
+    variant: str = MISSING
+    two_turn_fraction: float = MISSING
+    warmstart: Train = MISSING
+    stage2_iterations: int = MISSING
+    alpha: float = MISSING
+    beta_stage1: float = MISSING
+    train: Train = MISSING
+    rl: RL = MISSING
+    traces: Sampling = MISSING
+    max_per_prompt: int = MISSING
+    sft: Train = MISSING
+
+
 # -- evaluation ----------------------------------------------------------------------------------
 @dataclass
 class Eval:
@@ -437,6 +453,7 @@ GROUP_SCHEMAS = {
         "tt_si": TtSi,
         "self_refine": SelfRefine,
         "grpo": Grpo,
+        "score": Score,
     },
     "eval": {"eval": Eval},
     "generator": {"generator": Generator},

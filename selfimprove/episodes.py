@@ -21,6 +21,7 @@ from selfimprove import tasks
 from selfimprove.generation import sample
 from selfimprove.metrics import self_correction
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
+from selfimprove.registry import ConfigError
 from selfimprove.scoring import score_records
 
 
@@ -128,7 +129,7 @@ def two_turn_eval(
     return {"episodes": len(episodes)}
 
 
-@stage(version=1)
+@stage(version=2)
 def two_turn_seed_data(out: Path, seeds: Artifact, dataset: dict, fraction: float, seed: int) -> dict:
     """Stage: the warm-start demonstrations plus two-turn examples built from a ``fraction`` of them,
     so that a second attempt means something to a model trained from scratch. For each chosen gold
@@ -169,3 +170,81 @@ def two_turn_seed_data(out: Path, seeds: Artifact, dataset: dict, fraction: floa
     rng.shuffle(data)
     write_jsonl(out / "train.jsonl", data)
     return {"examples": len(data), "two_turn": len(extra)}
+
+
+@stage(version=1)
+def sample_episodes(
+    out: Path,
+    model: Artifact,
+    prompts: Artifact,
+    dataset: dict,
+    sampling: dict,
+    generator: dict,
+    hardware: dict,
+    seed: int,
+) -> dict:
+    """Stage: ``sampling.n`` two-turn episodes per train prompt from ``model`` (attempt 1, the
+    correction instruction, attempt 2; both sampled with ``sampling``). Writes episodes.jsonl."""
+    task = tasks.load(dataset)
+    records = read_jsonl(prompts.file("prompts.jsonl"))
+    episodes = [
+        {**start(r), "meta": {**r["meta"], "sample": j}} for r in records for j in range(sampling["n"])
+    ]
+    for _ in range(2):
+        episodes = take_turn(
+            task, model, episodes, task.correction_instruction, sampling, generator, hardware, seed
+        )
+    write_jsonl(out / "episodes.jsonl", episodes)
+    return {"episodes": len(episodes), **episode_metrics(episodes)}
+
+
+CORRECTION_DATA = ("star_sft", "pair_sft")
+
+
+@stage(version=1)
+def correction_data(
+    out: Path, episodes: Artifact, dataset: dict, kind: str, max_per_prompt: int, replay: Artifact, seed: int
+) -> dict:
+    """Stage: SFT data for self-correction from sampled episodes (SCoRe's baselines), plus the
+    replayed warm-start demonstrations. ``star_sft`` (STaR on traces): every episode whose second
+    attempt is correct, as (problem + attempt 1 + instruction -> attempt 2). ``pair_sft`` (Welleck et
+    al.'s pairs): a wrong attempt of a problem paired with a correct attempt of the same problem
+    (problem + wrong + instruction -> correct). At most ``max_per_prompt`` distinct per problem."""
+    if kind not in CORRECTION_DATA:
+        raise ConfigError(
+            f"correction data kind '{kind}' is not allowed; use one of {', '.join(CORRECTION_DATA)}"
+        )
+    task = tasks.load(dataset)
+    rng = random.Random(seed)
+    groups: dict[str, list[dict]] = {}
+    for e in read_jsonl(episodes.file("episodes.jsonl")):
+        groups.setdefault(e["id"], []).append(e)
+    kept, fixes = [], 0
+    for group in groups.values():
+        if kind == "star_sft":
+            pairs = [
+                (e["turns"][0]["completion"], e["turns"][1]["completion"])
+                for e in group
+                if correct(e["turns"][1])
+            ]
+        else:
+            attempts = [t["completion"] for e in group for t in e["turns"]]
+            right = sorted({a for a in attempts if task.extract(a) == str(group[0]["answer"])})
+            wrong = sorted({a for a in attempts if task.extract(a) != str(group[0]["answer"])})
+            pairs = [(w, rng.choice(right)) for w in wrong] if right else []
+        unique = list(dict.fromkeys(pairs))[:max_per_prompt]
+        fixes += sum(task.extract(a) != str(group[0]["answer"]) for a, _ in unique)
+        kept += [
+            {
+                "id": group[0]["id"],
+                "prompt": task.turn_prompt(group[0]["prompt"], first, task.correction_instruction),
+                "completion": task.clean(second),
+                "answer": group[0]["answer"],
+                "meta": {**group[0]["meta"], "correction": kind},
+            }
+            for first, second in unique
+        ]
+    data = kept + read_jsonl(replay.file("train.jsonl"))
+    rng.shuffle(data)
+    write_jsonl(out / "train.jsonl", data)
+    return {"kept": len(kept), "kept_fixes": fixes, "examples": len(data)}

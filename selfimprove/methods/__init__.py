@@ -14,5 +14,6 @@ METHODS = Registry(
         "tt_si": "selfimprove.methods.tt_si:tt_si",
         "self_refine": "selfimprove.methods.self_refine:self_refine",
         "grpo": "selfimprove.methods.grpo:grpo",
+        "score": "selfimprove.methods.score:score",
     },
 )
