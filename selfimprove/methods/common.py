@@ -40,40 +40,25 @@ def warm_start(
     model = run.stage(
         "warmstart/train", sft, model=base, data=seeds, train=m.warmstart, hardware=hw, seed=cfg.seed
     )
-    if two_turn_fraction is not None:
-        evaluated = two_turn_eval_stage(run, "warmstart/eval", cfg, model, dataset, cfg.seed)
-    else:
-        evaluated = held_out_eval(run, "warmstart/eval", cfg, model, dataset, cfg.seed)
+    evaluated = held_out_eval(
+        run, "warmstart/eval", cfg, model, dataset, cfg.seed, two_turn=two_turn_fraction is not None
+    )
     run.record(0, evaluated)
     return seeds, model, evaluated
 
 
 def held_out_eval(
-    owner: Run | Iteration, name: str, cfg: DictConfig, model: Artifact, dataset: dict, seed: int
+    owner: Run | Iteration,
+    name: str,
+    cfg: DictConfig,
+    model: Artifact,
+    dataset: dict,
+    seed: int,
+    two_turn: bool = False,
 ) -> Artifact:
-    """The evaluation stage every method runs after each training stage (same inputs everywhere)."""
-    return owner.stage(
-        name,
-        evaluate,
-        model=model,
-        dataset=dataset,
-        generator=cfg.generator,
-        hardware=cfg.hardware,
-        seed=seed,
-        eval=cfg.eval,
-    )
-
-
-def two_turn_eval_stage(
-    owner: Run | Iteration, name: str, cfg: DictConfig, model: Artifact, dataset: dict, seed: int
-) -> Artifact:
-    """The held-out evaluation of self-correction methods: two greedy attempts (same inputs everywhere)."""
-    return owner.stage(
-        name,
-        two_turn_eval,
-        model=model,
-        dataset=dataset,
-        generator=cfg.generator,
-        hardware=cfg.hardware,
-        seed=seed,
-    )
+    """The evaluation stage every method runs after each training stage (same inputs everywhere);
+    ``two_turn`` (self-correction methods): two greedy attempts (``episodes.two_turn_eval``)."""
+    inputs = dict(model=model, dataset=dataset, generator=cfg.generator, hardware=cfg.hardware, seed=seed)
+    if two_turn:
+        return owner.stage(name, two_turn_eval, **inputs)
+    return owner.stage(name, evaluate, **inputs, eval=cfg.eval)

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from selfimprove import tasks
 from selfimprove.data import task_prompts
 from selfimprove.episodes import correction_data, sample_episodes
-from selfimprove.methods.common import two_turn_eval_stage, warm_start
+from selfimprove.methods.common import held_out_eval, warm_start
 from selfimprove.pipeline import Run
 from selfimprove.registry import ConfigError
 from selfimprove.training import sft
@@ -64,7 +64,9 @@ def score(cfg: DictConfig, run: Run) -> None:
             seed=seed,
         )
         model = it.stage("train", sft, model=base, data=data, train=m.sft, hardware=hw, seed=seed)
-        run.record(it.index, two_turn_eval_stage(it, "eval", cfg, model, dataset, seed), episodes, data)
+        run.record(
+            it.index, held_out_eval(it, "eval", cfg, model, dataset, seed, two_turn=True), episodes, data
+        )
 
     if m.variant == "score":  # Stage I once, then Stage II
         model = base
@@ -85,4 +87,4 @@ def score(cfg: DictConfig, run: Run) -> None:
                 hardware=hw,
                 seed=seed,
             )
-            run.record(it.index, two_turn_eval_stage(it, "eval", cfg, model, dataset, seed), model)
+            run.record(it.index, held_out_eval(it, "eval", cfg, model, dataset, seed, two_turn=True), model)
