@@ -129,11 +129,13 @@ def two_turn_eval(
     return {"episodes": len(episodes)}
 
 
-@stage(version=2)
+@stage(version=3)
 def two_turn_seed_data(out: Path, seeds: Artifact, dataset: dict, fraction: float, seed: int) -> dict:
-    """Stage: the warm-start demonstrations plus two-turn examples built from a ``fraction`` of them,
-    so that a second attempt means something to a model trained from scratch. For each chosen gold
-    record (the problem ``x``, its gold attempt ``y``, a corrupted attempt ``w`` with one slip):
+    """Stage: the warm-start demonstrations plus two-turn examples built from a ``fraction`` of them
+    and from every exemplar at a train level (``dataset.train_levels``: without those, a 3-digit
+    second attempt was never seen, and refinements of 3-digit problems came out as 2-digit ones),
+    so that a second attempt means something to a model trained from scratch. No new gold problems.
+    For each chosen gold record (the problem ``x``, its gold attempt ``y``, corrupted attempts ``w``):
 
         x + w + correction instruction -> y        (fix a wrong attempt)
         x + y + correction instruction -> y        (keep a right one)
@@ -146,7 +148,8 @@ def two_turn_seed_data(out: Path, seeds: Artifact, dataset: dict, fraction: floa
     rng = random.Random(seed)
     extra = []
     for r in records:
-        if r["meta"].get("hinted") or rng.random() >= fraction:
+        exemplar = r["meta"].get("level") in dataset.get("train_levels", [])  # the few at the hard level
+        if r["meta"].get("hinted") or not (exemplar or rng.random() < fraction):
             continue
         gold = r["completion"]
         examples = [
