@@ -325,6 +325,56 @@ class TtSi:
     adapt: Adapt = MISSING
 
 
+@dataclass
+class SelfRefine:
+    name: str = MISSING
+    max_rounds: int = MISSING
+    feedback: str = MISSING
+    two_turn_fraction: float = MISSING
+    refine_sampling: Sampling = MISSING
+    critique_tokens: int = MISSING
+    warmstart: Train = MISSING
+
+
+@dataclass
+class RL:
+    num_generations: int = MISSING
+    temperature: float = MISSING
+    max_completion_length: int = MISSING
+    beta: float = MISSING
+    loss_type: str = MISSING
+    save_steps: int = MISSING
+    use_vllm: bool = MISSING
+    vllm_mode: str = MISSING
+    # any other GRPOConfig field
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Grpo:
+    name: str = MISSING
+    iterations: int = MISSING
+    warmstart: Train = MISSING
+    train: Train = MISSING
+    rl: RL = MISSING
+
+
+@dataclass
+class Score:
+    name: str = MISSING
+    variant: str = MISSING
+    two_turn_fraction: float = MISSING
+    warmstart: Train = MISSING
+    stage2_iterations: int = MISSING
+    alpha: float = MISSING
+    beta_stage1: float = MISSING
+    train: Train = MISSING
+    rl: RL = MISSING
+    traces: Sampling = MISSING
+    max_per_prompt: int = MISSING
+    sft: Train = MISSING
+
+
 # -- evaluation ----------------------------------------------------------------------------------
 @dataclass
 class Eval:
@@ -399,7 +449,16 @@ GROUP_SCHEMAS = {
         "reasoning_gym": GymData,
         "humaneval": HumanEvalData,
     },
-    "method": {"star": Star, "length_gen": LengthGen, "rest_em": RestEm, "bstar": Bstar, "tt_si": TtSi},
+    "method": {
+        "star": Star,
+        "length_gen": LengthGen,
+        "rest_em": RestEm,
+        "bstar": Bstar,
+        "tt_si": TtSi,
+        "self_refine": SelfRefine,
+        "grpo": Grpo,
+        "score": Score,
+    },
     "eval": {"eval": Eval},
     "generator": {"generator": Generator},
     "hardware": {"hardware": Hardware},

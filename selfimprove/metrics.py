@@ -6,6 +6,8 @@
 - ``balance_score``: B-STaR's exploration x exploitation score (Zeng et al. 2024).
 - ``auroc``: how well a scalar score separates correct from wrong samples.
 - ``exploration`` / ``exploitation``: what B-STaR monitors per iteration, from scored records.
+- ``self_correction``: SCoRe's two-turn metrics (Kumar et al. 2024): Acc@t1, Acc@t2, Δ(t1,t2),
+  Δ^{i→c}, Δ^{c→i}.
 """
 
 from __future__ import annotations
@@ -120,3 +122,24 @@ def exploitation(records: list[dict], kept_rewards: list[float] | None = None) -
         best = [max(g, key=lambda r: r["certainty"]) for g in by_prompt(scored).values()]
         out["exploit/bon_certainty"] = round(sum(r["reward"] >= 1.0 for r in best) / len(best), 4)
     return out
+
+
+def self_correction(first: Sequence[bool], second: Sequence[bool]) -> dict[str, float]:
+    """SCoRe's metrics over problems answered twice (Kumar et al. 2024, Section 6): accuracy at the
+    first and second attempt, their difference Δ(t1,t2), and the fractions of *all* problems that
+    went incorrect → correct (Δ^{i→c}) and correct → incorrect (Δ^{c→i}); Δ = Δ^{i→c} − Δ^{c→i}."""
+    if len(first) != len(second):
+        raise ConfigError(
+            f"self_correction needs one second attempt per first ({len(first)} vs {len(second)})"
+        )
+    n = len(first)
+    if n == 0:
+        return {}
+    acc1, acc2 = sum(map(bool, first)) / n, sum(map(bool, second)) / n
+    return {
+        "acc@t1": round(acc1, 4),
+        "acc@t2": round(acc2, 4),
+        "delta": round(acc2 - acc1, 4),
+        "delta_i2c": round(sum((not a) and bool(b) for a, b in zip(first, second)) / n, 4),
+        "delta_c2i": round(sum(bool(a) and not b for a, b in zip(first, second)) / n, 4),
+    }

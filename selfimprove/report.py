@@ -36,6 +36,9 @@ class Column:
     iteration: int
     title: str
     minus: int | None = None
+    # the configured iterations (first | last | an integer): first/last are each run's own, so that
+    # runs of different lengths in one table (e.g. an evaluated-only baseline) each show their last
+    spec: tuple = (None, None)
 
 
 def find_runs(path: Path) -> list[RunResult]:
@@ -112,18 +115,21 @@ def columns_of(layout: dict, runs: list[RunResult], metrics: list[str] | None, i
         title = spec.get("title") or (
             f"{spec['metric']} @{it}" if minus is None else f"Δ {spec['metric']} @{minus}→{it}"
         )
-        cols.append(Column(spec["metric"], it, title, minus))
+        cols.append(Column(spec["metric"], it, title, minus, (spec["iteration"], spec.get("minus"))))
     return cols
 
 
 def cell_values(runs: list[RunResult], col: Column) -> list[float]:
     values = []
     for r in runs:
-        row, base = r.rows.get(col.iteration, {}), r.rows.get(col.minus, {}) if col.minus is not None else {}
-        if col.metric in row and (col.minus is None or col.metric in base):
-            values.append(
-                float(row[col.metric]) - (float(base[col.metric]) if col.minus is not None else 0.0)
-            )
+        it, minus = col.iteration, col.minus
+        if col.spec[0] in ("first", "last"):
+            it = resolve_iteration(col.spec[0], min(r.rows), max(r.rows))
+        if col.spec[1] in ("first", "last"):
+            minus = resolve_iteration(col.spec[1], min(r.rows), max(r.rows))
+        row, base = r.rows.get(it, {}), r.rows.get(minus, {}) if minus is not None else {}
+        if col.metric in row and (minus is None or col.metric in base):
+            values.append(float(row[col.metric]) - (float(base[col.metric]) if minus is not None else 0.0))
     return values
 
 

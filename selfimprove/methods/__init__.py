@@ -12,5 +12,8 @@ METHODS = Registry(
         "rest_em": "selfimprove.methods.rest_em:rest_em",
         "bstar": "selfimprove.methods.bstar:bstar",
         "tt_si": "selfimprove.methods.tt_si:tt_si",
+        "self_refine": "selfimprove.methods.self_refine:self_refine",
+        "grpo": "selfimprove.methods.grpo:grpo",
+        "score": "selfimprove.methods.score:score",
     },
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from selfimprove.data import seed_data
+from selfimprove.episodes import two_turn_eval, two_turn_seed_data
 from selfimprove.evaluation import evaluate
 from selfimprove.models import init_model
 from selfimprove.pipeline import Artifact, Iteration, Run
@@ -12,34 +13,52 @@ from selfimprove.training import sft
 
 
 def warm_start(
-    cfg: DictConfig, run: Run, dataset: dict, hint_fraction: float = 0.0
+    cfg: DictConfig,
+    run: Run,
+    dataset: dict,
+    hint_fraction: float = 0.0,
+    two_turn_fraction: float | None = None,
 ) -> tuple[Artifact, Artifact, Artifact]:
     """M0: build the model, fine-tune it on the seed demonstrations, evaluate it (iteration 0).
-    Returns (seed data, warm-started model, its evaluation). Same stages and inputs as STaR's warm start."""
+    Returns (seed data, warm-started model, its evaluation). Same stages and inputs as STaR's warm start.
+    With ``two_turn_fraction`` (self-correction methods) the demonstrations gain two-turn examples
+    (``warmstart/two_turn``) and the evaluation is two-turn (``episodes.two_turn_eval``)."""
     m, hw = cfg.method, cfg.hardware
     base = run.stage("init", init_model, model=cfg.model, seed=cfg.seed)
     seeds = run.stage(
         "warmstart/data", seed_data, dataset=dataset, hint_fraction=hint_fraction, seed=cfg.seed
     )
+    if two_turn_fraction is not None:
+        seeds = run.stage(
+            "warmstart/two_turn",
+            two_turn_seed_data,
+            seeds=seeds,
+            dataset=dataset,
+            fraction=two_turn_fraction,
+            seed=cfg.seed,
+        )
     model = run.stage(
         "warmstart/train", sft, model=base, data=seeds, train=m.warmstart, hardware=hw, seed=cfg.seed
     )
-    evaluated = held_out_eval(run, "warmstart/eval", cfg, model, dataset, cfg.seed)
+    evaluated = held_out_eval(
+        run, "warmstart/eval", cfg, model, dataset, cfg.seed, two_turn=two_turn_fraction is not None
+    )
     run.record(0, evaluated)
     return seeds, model, evaluated
 
 
 def held_out_eval(
-    owner: Run | Iteration, name: str, cfg: DictConfig, model: Artifact, dataset: dict, seed: int
+    owner: Run | Iteration,
+    name: str,
+    cfg: DictConfig,
+    model: Artifact,
+    dataset: dict,
+    seed: int,
+    two_turn: bool = False,
 ) -> Artifact:
-    """The evaluation stage every method runs after each training stage (same inputs everywhere)."""
-    return owner.stage(
-        name,
-        evaluate,
-        model=model,
-        dataset=dataset,
-        generator=cfg.generator,
-        hardware=cfg.hardware,
-        seed=seed,
-        eval=cfg.eval,
-    )
+    """The evaluation stage every method runs after each training stage (same inputs everywhere);
+    ``two_turn`` (self-correction methods): two greedy attempts (``episodes.two_turn_eval``)."""
+    inputs = dict(model=model, dataset=dataset, generator=cfg.generator, hardware=cfg.hardware, seed=seed)
+    if two_turn:
+        return owner.stage(name, two_turn_eval, **inputs)
+    return owner.stage(name, evaluate, **inputs, eval=cfg.eval)

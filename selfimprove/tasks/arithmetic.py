@@ -24,20 +24,21 @@ from selfimprove.tasks.base import Task
 ANSWER = re.compile(r"ans (\d+)")
 
 
-def rationale(a: int, b: int) -> str:
-    """The gold scratchpad for a + b."""
+def rationale(a: int, b: int, slip: tuple[int, int] | None = None) -> str:
+    """The gold scratchpad for a + b; with ``slip=(step, delta)`` the sum written at that step is
+    off by ``delta`` and the rest follows from it (a wrong attempt with one arithmetic slip)."""
     width = max(len(str(a)), len(str(b)))
     da, db = str(a).zfill(width)[::-1], str(b).zfill(width)[::-1]
     steps, carry, partial = [], 0, ""
     ra, rb = str(a).zfill(width), str(b).zfill(width)
     for k, (x, y) in enumerate(zip(da, db)):
-        total = int(x) + int(y) + carry
+        total = int(x) + int(y) + carry + (slip[1] if slip and slip[0] == k else 0)
         partial = str(total % 10) + partial
         restated = f"{ra}+{rb}:" if k else ""  # the prompt itself states the operands for step 1
         steps.append(f"{restated}{x}+{y}+{carry}={total:02d}|{partial}")
         ra, rb = ra[:-1], rb[:-1]
         carry = total // 10
-    return ";".join(steps) + f";ans {a + b}"
+    return ";".join(steps) + f";ans {int(f'{carry}{partial}')}"
 
 
 def extract_answer(completion: str) -> str | None:
@@ -135,6 +136,20 @@ class Arithmetic(Task):
     def clean(self, completion: str) -> str:
         match = ANSWER.search(completion)
         return completion[: match.end()] if match else completion
+
+    def corrupt(self, record: dict, rng: random.Random) -> str:
+        """Half the time (operands of 2+ digits) a scratchpad that skips one digit column -- the
+        mistake the tiny model makes at a length it has barely seen --, else one arithmetic slip."""
+        a, b = record["meta"]["a"], record["meta"]["b"]
+        width = max(len(str(a)), len(str(b)))
+        step = rng.randrange(width)
+        if width > 1 and rng.random() < 0.5:
+            cut = width - 1 - step  # the column's index from the left
+            a2, b2 = (int(str(n).zfill(width)[:cut] + str(n).zfill(width)[cut + 1 :]) for n in (a, b))
+            return rationale(a2, b2)
+        column = int(str(a).zfill(width)[::-1][step]) + int(str(b).zfill(width)[::-1][step])
+        delta = rng.choice([d for d in (-1, 1) if 0 <= column + d <= 18])  # a sum one column can write
+        return rationale(a, b, slip=(step, delta))
 
     def hint_prompt(self, record: dict) -> str:
         return f"{record['prompt'][:-1]}|{record['answer']}:"

@@ -13,6 +13,15 @@ class Task(ABC):
     #: bump when prompts, answers or the verifier change; it feeds the stage fingerprints
     version: int = 1
 
+    # -- two-turn episodes (self-correction): what follows an attempt in the second turn's prompt --
+    #: SCoRe's correction instruction: asks for a second attempt, says nothing about correctness
+    correction_instruction: str = "recheck"
+    #: Self-Refine's critique prompt; the model answers with ``feedback_ok`` or ``feedback_wrong``
+    verify_instruction: str = "verify"
+    #: feedback that the attempt is right (stop refining) / wrong (refine it)
+    feedback_ok: str = "ok"
+    feedback_wrong: str = "wrong"
+
     def __init__(self, cfg: dict):
         self.cfg = dict(cfg)
 
@@ -53,6 +62,18 @@ class Task(ABC):
         """The prompt with the reference answer as a hint, for STaR's rationalization."""
         raise NotImplementedError(
             f"task '{self.cfg.get('name')}' has no hint format, so method.rationalize must be false"
+        )
+
+    def turn_prompt(self, prompt: str, attempt: str, instruction: str) -> str:
+        """The prompt of a later turn: the problem, the previous attempt (cut after its answer) and
+        an instruction or feedback (``correction_instruction``, ``verify_instruction``,
+        ``feedback_wrong``). Only the last attempt is shown, not the whole history."""
+        return f"{prompt}{self.clean(attempt)}\n{instruction}:"
+
+    def corrupt(self, record: dict, rng) -> str:
+        """A plausible wrong attempt at a gold ``record`` (for two-turn warm-start data)."""
+        raise NotImplementedError(
+            f"task '{self.cfg.get('name')}' cannot corrupt attempts, so it has no two-turn warm-start data"
         )
 
     def max_new_tokens(self, record: dict) -> int:

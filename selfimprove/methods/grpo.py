@@ -1,0 +1,46 @@
+"""RLVR baseline: GRPO (Shao et al., 2024) with the task's verifier as the reward, through TRL's
+GRPOTrainer. docs/methods/grpo.md maps the paper to this.
+
+M0 <- warm start: SFT on the seed rationales (as STaR's)
+for i = 1..I:                                   each iteration one resumable train stage
+    P_i <- the iteration's unlabelled prompts (answers only)
+    for each step: sample G completions per prompt from M (on-policy), reward r = verifier(answer),
+                   advantage = (r - mean_group(r)) [/ std_group(r)], clipped policy-gradient update
+                   [+ beta * KL(M || M0)]
+    M_i <- M after rl.steps updates
+    evaluate M_i on held-out sets
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from selfimprove import tasks
+from selfimprove.data import task_prompts
+from selfimprove.methods.common import held_out_eval, warm_start
+from selfimprove.pipeline import Run
+from selfimprove.training.grpo import check_rl
+from selfimprove.training.grpo import grpo as grpo_stage
+
+
+def grpo(cfg: DictConfig, run: Run) -> None:
+    m, hw = cfg.method, cfg.hardware
+    check_rl(m.train, m.rl)
+    dataset = tasks.spec(cfg.dataset)
+    _, model, _ = warm_start(cfg, run, dataset)
+
+    for it in run.iterations(m.iterations):
+        seed = cfg.seed * 1000 + it.index
+        prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
+        model = it.stage(
+            "train",
+            grpo_stage,
+            model=model,
+            prompts=prompts,
+            dataset=dataset,
+            train=m.train,
+            rl=m.rl,
+            hardware=hw,
+            seed=seed,
+        )
+        run.record(it.index, held_out_eval(it, "eval", cfg, model, dataset, seed), model)

@@ -1,0 +1,90 @@
+"""SCoRe: Training Language Models to Self-Correct via Reinforcement Learning (Kumar et al., 2024),
+and the baselines of its table. docs/methods/score.md maps the paper to this.
+
+M0 <- warm start: SFT on the seed rationales + a few two-turn examples (so attempt 2 means something)
+variant base:      M0 prompted to self-correct (evaluated only)
+variant star_sft:  episodes (y1, instruction, y2) ~ M0 on train prompts; SFT(M0, those with r(y2) = 1)
+variant pair_sft:  attempts ~ M0; SFT(M0, problem + wrong attempt + instruction -> correct attempt)
+variant score:
+    Stage I:  on-policy two-turn RL from M0, reward r(y2), advantage on attempt 2 only,
+              strong KL (beta_stage1) to M0 holding attempt 1 at the base          -> M1
+    Stage II: on-policy two-turn RL from M1 (stage2_iterations times), reward
+              r(y1) + r(y2) + alpha * (r(y2) - r(y1)) on both attempts, KL rl.beta  -> M2 ...
+each model: two greedy attempts on the held-out sets -> Acc@t1, Acc@t2, Δ, Δ^{i→c}, Δ^{c→i}
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from selfimprove import tasks
+from selfimprove.data import task_prompts
+from selfimprove.episodes import correction_data, sample_episodes
+from selfimprove.methods.common import held_out_eval, warm_start
+from selfimprove.pipeline import Run
+from selfimprove.registry import ConfigError
+from selfimprove.training import sft
+from selfimprove.training.grpo import check_rl
+from selfimprove.training.score import score_rl
+
+VARIANTS = ("base", "star_sft", "pair_sft", "score")
+
+
+def score(cfg: DictConfig, run: Run) -> None:
+    m, hw = cfg.method, cfg.hardware
+    if m.variant not in VARIANTS:
+        raise ConfigError(f"method.variant='{m.variant}' is not allowed; use one of {', '.join(VARIANTS)}")
+    check_rl(m.train, m.rl)
+    dataset = tasks.spec(cfg.dataset)
+    seeds, base, _ = warm_start(cfg, run, dataset, two_turn_fraction=m.two_turn_fraction)
+
+    if m.variant in ("star_sft", "pair_sft"):  # SFT on self-generated correction traces
+        it = next(run.iterations(1))
+        seed = cfg.seed * 1000 + it.index
+        prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
+        episodes = it.stage(
+            "traces",
+            sample_episodes,
+            model=base,
+            prompts=prompts,
+            dataset=dataset,
+            sampling=m.traces,
+            generator=cfg.generator,
+            hardware=hw,
+            seed=seed,
+        )
+        data = it.stage(
+            "build",
+            correction_data,
+            episodes=episodes,
+            dataset=dataset,
+            kind=m.variant,
+            max_per_prompt=m.max_per_prompt,
+            replay=seeds,
+            seed=seed,
+        )
+        model = it.stage("train", sft, model=base, data=data, train=m.sft, hardware=hw, seed=seed)
+        run.record(
+            it.index, held_out_eval(it, "eval", cfg, model, dataset, seed, two_turn=True), episodes, data
+        )
+
+    if m.variant == "score":  # Stage I once, then Stage II
+        model = base
+        for it in run.iterations(1 + m.stage2_iterations):
+            seed = cfg.seed * 1000 + it.index
+            phase = 1 if it.index == 1 else 2
+            prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
+            model = it.stage(
+                f"stage{phase}",
+                score_rl,
+                model=model,
+                prompts=prompts,
+                dataset=dataset,
+                phase=phase,
+                alpha=m.alpha,
+                train=m.train,
+                rl={**m.rl, "beta": m.beta_stage1 if phase == 1 else m.rl.beta},
+                hardware=hw,
+                seed=seed,
+            )
+            run.record(it.index, held_out_eval(it, "eval", cfg, model, dataset, seed, two_turn=True), model)

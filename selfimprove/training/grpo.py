@@ -1,0 +1,162 @@
+"""RL with verifiable rewards: TRL's ``GRPOTrainer`` with the task's verifier as the reward function.
+
+The stage is resumable: the trainer checkpoints every ``rl.save_steps`` steps into the stage's
+``.partial`` folder, and a run killed mid-training continues from its last checkpoint (optimizer,
+scheduler and RNG state included) when the same command is run again.
+
+CPU defaults (bf16 and gradient checkpointing off) come from ``sft.trainer_args``; GPU settings pass
+through: ``rl.use_vllm``/``rl.vllm_mode`` and, for any other ``GRPOConfig`` field, ``rl.extra``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from selfimprove import tasks
+from selfimprove.models import load_model, uses_chat_template
+from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
+from selfimprove.registry import ConfigError
+from selfimprove.training.sft import quiet_trainer, save_trained, trainer_args
+
+
+def complete(checkpoint: Path) -> bool:
+    """transformers writes trainer_state.json last: a checkpoint without a readable one was cut short."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def last_checkpoint(out: Path) -> str | None:
+    """The newest complete ``trainer/checkpoint-N`` of a killed run, or None."""
+    found = sorted((out / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    found = [p for p in found if complete(p)]
+    return str(found[-1]) if found else None
+
+
+def check_rl(train: dict, rl: dict) -> None:
+    """User errors in the RL settings, raised when the run is planned (before anything is computed)."""
+    if rl["num_generations"] < 2 or train["batch_size"] % rl["num_generations"]:
+        raise ConfigError(
+            f"train.batch_size={train['batch_size']} must be a multiple of rl.num_generations={rl['num_generations']} "
+            "(>= 2: each step trains on whole groups of completions of one prompt)"
+        )
+    clash = sorted(set(rl.get("extra") or {}) & {f for f in rl if f != "extra"})
+    if clash:
+        raise ConfigError(f"rl.extra sets {clash}; set them as rl.<key> instead")
+
+
+def grpo_config(train: dict, rl: dict, hardware: dict, out: Path, seed: int):
+    """A ``GRPOConfig`` from our ``train`` (optimisation) and ``rl`` (sampling, loss, vLLM) nodes."""
+    from trl import GRPOConfig
+
+    check_rl(train, rl)
+    args = trainer_args(train, hardware, out, seed)
+    args.update(
+        save_strategy="steps",
+        save_steps=rl["save_steps"],
+        save_total_limit=1,
+        save_only_model=False,
+        logging_steps=1,
+        num_generations=rl["num_generations"],
+        max_completion_length=rl["max_completion_length"],
+        temperature=rl["temperature"],
+        beta=rl["beta"],
+        loss_type=rl["loss_type"],
+        use_vllm=rl["use_vllm"],
+        vllm_mode=rl["vllm_mode"],
+        **dict(rl.get("extra") or {}),
+    )
+    return GRPOConfig(**args)
+
+
+def train_rl(
+    out: Path,
+    model: Artifact,
+    records: list[dict],
+    reward: Callable,
+    train: dict,
+    rl: dict,
+    hardware: dict,
+    seed: int,
+    trainer_class=None,
+    **trainer_kwargs,
+) -> dict:
+    """Train ``model`` with GRPO (or ``trainer_class``, a GRPOTrainer subclass) on prompt records
+    (columns ``prompt`` and ``answer`` reach the reward function); resumes from the last checkpoint
+    in ``out``; writes model/ and model_meta.json."""
+    import torch
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    torch.manual_seed(seed)
+    lm, tokenizer = load_model(model, hardware, for_training=True)
+    chat = uses_chat_template(
+        model, tokenizer
+    )  # chat models: conversational prompts, TRL applies the template
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}] if chat else r["prompt"],
+                "answer": r["answer"],
+            }
+            for r in records
+        ]
+    )
+    trainer = (trainer_class or GRPOTrainer)(
+        model=lm,
+        reward_funcs=reward,
+        args=grpo_config(train, rl, hardware, out, seed),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        **trainer_kwargs,
+    )
+    quiet_trainer(trainer)
+    resume = last_checkpoint(out)
+    trainer.train(resume_from_checkpoint=resume)
+    write_json_atomic(out / "model_meta.json", {"chat_template": chat})
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    return {
+        "prompts": len(records),
+        "resumed_from": Path(resume).name if resume else None,
+        "mean_reward_first": round(rewards[0], 4) if rewards else None,
+        "mean_reward_last": round(rewards[-1], 4) if rewards else None,
+        **save_trained(trainer, tokenizer, out),
+    }
+
+
+def verifier(task: tasks.Task) -> Callable:
+    """The task's verifier as a TRL reward function, named ``correct`` in TRL's logs. Conversational
+    completions (chat models) are reduced to their text; a None reward is left for TRL to skip."""
+
+    def text(x) -> str:
+        return x if isinstance(x, str) else x[-1]["content"]
+
+    def correct(prompts, completions, answer, **columns):
+        return task.reward(
+            prompts=[text(p) for p in prompts], completions=[text(c) for c in completions], answer=answer
+        )
+
+    return correct
+
+
+@stage(version=1, resumable=True)
+def grpo(
+    out: Path,
+    model: Artifact,
+    prompts: Artifact,
+    dataset: dict,
+    train: dict,
+    rl: dict,
+    hardware: dict,
+    seed: int,
+) -> dict:
+    """Stage: GRPO on the iteration's prompts with the task's verifier as the reward."""
+    task = tasks.load(dataset)
+    records = read_jsonl(prompts.file("prompts.jsonl"))
+    return train_rl(out, model, records, verifier(task), train, rl, hardware, seed)

@@ -1,0 +1,90 @@
+"""GRPO end to end on a very small config (TRL's GRPOTrainer, the verifier as reward), and the RL
+stage killed mid-training: the same command continues from the stage's last checkpoint instead of
+starting over, and finishes with the configured number of steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from selfimprove.app import run
+from selfimprove.pipeline import DONE, read_jsonl
+from selfimprove.registry import ConfigError
+from tests.conftest import compose_cfg, selfimprove
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "method=grpo",
+    "method.iterations=1",
+    "method.warmstart.steps=30",
+    "method.train.steps=6",
+    "method.train.batch_size=8",
+    "method.rl.num_generations=4",
+    "method.rl.save_steps=2",
+    "method.rl.max_completion_length=24",
+    "dataset.seed_per_level=100",
+    "dataset.train_per_iteration=16",
+    "dataset.test_levels=[2]",
+    "dataset.test_per_level=8",
+    "model.intermediate_size=128",
+]
+
+
+def test_grpo_end_to_end(tmp_path):
+    rows = run(compose_cfg([*SMALL, f"run_dir={tmp_path}"]))
+    assert [r["iteration"] for r in rows] == [0, 1] and "acc/2" in rows[1]
+    done = json.loads((tmp_path / "iter_01" / "train" / DONE).read_text())["counts"]
+    assert done["steps"] == 6 and done["resumed_from"] is None and done["mean_reward_last"] is not None
+    assert (tmp_path / "iter_01" / "train" / "model" / "model.safetensors").exists()
+    assert not (tmp_path / "iter_01" / "train" / "trainer").exists(), "checkpoints are dropped when done"
+    history = json.loads((tmp_path / "iter_01" / "train" / "log_history.json").read_text())
+    assert any("rewards/correct/mean" in h for h in history), "the verifier is TRL's reward function"
+
+
+def test_batch_must_hold_whole_groups(tmp_path):
+    with pytest.raises(ConfigError, match="must be a multiple of rl.num_generations"):
+        run(compose_cfg([*SMALL, "method.rl.num_generations=3", f"run_dir={tmp_path}"]))
+
+
+def test_rl_stage_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
+    command = ["run", *SMALL, "out_root=outputs", "store=false", "hardware.num_threads=1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "selfimprove.cli", *command],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            found = list(
+                (tmp_path / "outputs").glob("*/iter_01/train.partial/trainer/checkpoint-*/trainer_state.json")
+            )
+            if found:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                break
+            assert proc.poll() is None, "the run finished before the RL stage wrote a checkpoint"
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the RL stage never wrote a checkpoint")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (root,) = [p for p in (tmp_path / "outputs").iterdir() if p.is_dir()]
+    assert not (root / "iter_01" / "train" / DONE).exists()
+
+    selfimprove(*command, cwd=tmp_path)
+    counts = json.loads((root / "iter_01" / "train" / DONE).read_text())["counts"]
+    assert counts["resumed_from"] and counts["resumed_from"].startswith("checkpoint-"), counts
+    assert counts["steps"] == 6
+    events = read_jsonl(root / "events.jsonl")
+    assert [e["action"] for e in events if e["stage"] == "warmstart/train"] == ["computed", "reused"]
+    assert len(read_jsonl(root / "metrics.jsonl")) == 2
