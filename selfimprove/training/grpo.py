@@ -19,6 +19,7 @@ from selfimprove import tasks
 from selfimprove.models import load_model, uses_chat_template
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
 from selfimprove.registry import ConfigError
+from selfimprove.training.launch import in_processes, launched, multi_process
 from selfimprove.training.sft import quiet_trainer, save_trained, trainer_args
 
 
@@ -95,7 +96,7 @@ def train_rl(
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     torch.manual_seed(seed)
-    lm, tokenizer = load_model(model, hardware, for_training=True)
+    lm, tokenizer = load_model(model, hardware, for_training=True, place=not launched())
     chat = uses_chat_template(
         model, tokenizer
     )  # chat models: conversational prompts, TRL applies the template
@@ -119,6 +120,9 @@ def train_rl(
     quiet_trainer(trainer)
     resume = last_checkpoint(out)
     trainer.train(resume_from_checkpoint=resume)
+    saved = save_trained(trainer, tokenizer, out)
+    if not trainer.is_world_process_zero():  # under accelerate, rank 0 writes the stage's files
+        return {}
     write_json_atomic(out / "model_meta.json", {"chat_template": chat})
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     return {
@@ -126,7 +130,7 @@ def train_rl(
         "resumed_from": Path(resume).name if resume else None,
         "mean_reward_first": round(rewards[0], 4) if rewards else None,
         "mean_reward_last": round(rewards[-1], 4) if rewards else None,
-        **save_trained(trainer, tokenizer, out),
+        **saved,
     }
 
 
@@ -157,6 +161,9 @@ def grpo(
     seed: int,
 ) -> dict:
     """Stage: GRPO on the iteration's prompts with the task's verifier as the reward."""
+    if multi_process(hardware):  # hardware.accelerate: this body runs in accelerate's processes
+        inputs = dict(model=model, prompts=prompts, dataset=dataset, train=train, rl=rl, hardware=hardware)
+        return in_processes(grpo, out, **inputs, seed=seed)
     task = tasks.load(dataset)
     records = read_jsonl(prompts.file("prompts.jsonl"))
     return train_rl(out, model, records, verifier(task), train, rl, hardware, seed)
