@@ -37,9 +37,12 @@ def warm_start(
             fraction=two_turn_fraction,
             seed=cfg.seed,
         )
-    model = run.stage(
-        "warmstart/train", sft, model=base, data=seeds, train=m.warmstart, hardware=hw, seed=cfg.seed
-    )
+    if m.warmstart.steps == 0:  # no warm start ("zero RL" from a base model): M0 is the model itself
+        model = base
+    else:
+        model = run.stage(
+            "warmstart/train", sft, model=base, data=seeds, train=m.warmstart, hardware=hw, seed=cfg.seed
+        )
     evaluated = held_out_eval(
         run, "warmstart/eval", cfg, model, dataset, cfg.seed, two_turn=two_turn_fraction is not None
     )
