@@ -19,7 +19,7 @@ from selfimprove import tasks
 from selfimprove.models import load_model, uses_chat_template
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
 from selfimprove.registry import ConfigError
-from selfimprove.training.launch import in_processes, launched, multi_process
+from selfimprove.training.launch import accelerated, launched
 from selfimprove.training.sft import quiet_trainer, save_trained, trainer_args
 
 
@@ -150,6 +150,7 @@ def verifier(task: tasks.Task) -> Callable:
 
 
 @stage(version=1, resumable=True)
+@accelerated
 def grpo(
     out: Path,
     model: Artifact,
@@ -161,9 +162,6 @@ def grpo(
     seed: int,
 ) -> dict:
     """Stage: GRPO on the iteration's prompts with the task's verifier as the reward."""
-    if multi_process(hardware):  # hardware.accelerate: this body runs in accelerate's processes
-        inputs = dict(model=model, prompts=prompts, dataset=dataset, train=train, rl=rl, hardware=hardware)
-        return in_processes(grpo, out, **inputs, seed=seed)
     task = tasks.load(dataset)
     records = read_jsonl(prompts.file("prompts.jsonl"))
     return train_rl(out, model, records, verifier(task), train, rl, hardware, seed)

@@ -12,12 +12,14 @@ and accelerate's launcher is what users already configure for their clusters.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
 import pickle
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,20 @@ def launched() -> bool:
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def accelerated(body: Callable) -> Callable:
+    """Decorator for a train stage's body (``body(out, **inputs)``): with ``hardware.accelerate``
+    set, the body runs in the processes ``accelerate launch`` starts, else here. Keeps the body's
+    name, so its stage fingerprint is unchanged."""
+
+    @functools.wraps(body)
+    def stage_body(out: Path, **inputs: Any) -> dict:
+        if multi_process(inputs["hardware"]):
+            return in_processes(stage_body, out, **inputs)
+        return body(out, **inputs)
+
+    return stage_body
 
 
 def in_processes(fn, out: Path, **kwargs: Any) -> dict:

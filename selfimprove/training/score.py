@@ -22,7 +22,7 @@ from selfimprove import tasks
 from selfimprove.pipeline import Artifact, read_jsonl, stage
 from selfimprove.registry import ConfigError
 from selfimprove.training.grpo import train_rl
-from selfimprove.training.launch import in_processes, multi_process
+from selfimprove.training.launch import accelerated
 
 STAGES = (1, 2)
 
@@ -123,6 +123,7 @@ def score_trainer_class(train_first_attempt: bool):
 
 
 @stage(version=1, resumable=True)
+@accelerated
 def score_rl(
     out: Path,
     model: Artifact,
@@ -139,9 +140,6 @@ def score_rl(
     ``beta`` is the KL coefficient to ``model`` (Stage I: strong, so attempt 1 stays at the base)."""
     if phase not in STAGES:
         raise ConfigError(f"SCoRe phase {phase} is not allowed; use 1 or 2")
-    if multi_process(hardware):  # hardware.accelerate: this body runs in accelerate's processes
-        inputs = dict(model=model, prompts=prompts, dataset=dataset, phase=phase, alpha=alpha, train=train)
-        return in_processes(score_rl, out, **inputs, rl=rl, hardware=hardware, seed=seed)
     task = tasks.load(dataset)
     suffix = len(task.turn_prompt("", "", task.correction_instruction))
     rl = {**rl, "max_completion_length": 2 * rl["max_completion_length"] + suffix}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from selfimprove.models import load_model, resolve_device, uses_chat_template
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
-from selfimprove.training.launch import in_processes, launched, multi_process
+from selfimprove.training.launch import accelerated, launched
 
 
 def trainer_args(train: dict, hardware: dict, out: Path, seed: int) -> dict:
@@ -135,6 +135,7 @@ def lora_config(lora: dict | None):
 
 
 @stage(version=1)
+@accelerated
 def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict, seed: int) -> dict:
     """Stage: fine-tune ``model`` on ``data``'s prompt/completion records; writes model/ (full
     weights, or a LoRA adapter with ``train.lora``) and model_meta.json."""
@@ -144,8 +145,6 @@ def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict,
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    if multi_process(hardware):  # hardware.accelerate: this body runs in accelerate's processes
-        return in_processes(sft, out, model=model, data=data, train=train, hardware=hardware, seed=seed)
     records = read_jsonl(data.file("train.jsonl"))
     torch.manual_seed(seed)
     # the trainer's arguments first: under DeepSpeed ZeRO-3 they must exist when the model loads
