@@ -176,3 +176,57 @@ def test_humaneval_instruct_style_fenced_answers_and_train_split():
     body_then_junk = p["canonical_solution"] + "\n\ndef unrelated():\n    raise SystemExit(1)\n"
     wrong = "```python\ndef has_close_elements(numbers, threshold):\n    return True\n```"
     assert task.reward([], [whole, body_then_junk, wrong], ["HumanEval/0"] * 3) == [1.0, 1.0, 0.0]
+
+
+def test_math_two_turn_prompts_and_corrupted_attempts_for_score(tmp_path):
+    """SCoRe on MATH: the second turn shows the attempt cut after its box and SCoRe's instruction;
+    a corrupted gold attempt keeps the reasoning but math-verify rejects its answer."""
+    import random
+
+    data = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
+    task = load(
+        ["dataset=math", f"dataset.train.path={data}", f"dataset.test.path={data}", "dataset.seed_size=4"]
+    )
+    seeds = task.seed_data()
+    rng = random.Random(0)
+    wrong = [task.corrupt(r, rng) for r in seeds]
+    assert task.reward([], wrong, [r["answer"] for r in seeds]) == [0.0] * 4
+    assert task.reward([], [r["completion"] for r in seeds], [r["answer"] for r in seeds]) == [1.0] * 4
+    assert [w.split("\\boxed")[0] for w in wrong] == [r["completion"].split("\\boxed")[0] for r in seeds]
+    turn = task.turn_prompt(
+        seeds[0]["prompt"], seeds[0]["completion"] + "\nQuestion: junk", task.correction_instruction
+    )
+    assert turn == (
+        f"{seeds[0]['prompt']}{seeds[0]['completion']}\n\nThere might be an error in the solution above because of "
+        "lack of understanding of the question. Please correct the error, if any, and rewrite the solution.\n"
+    )
+
+
+def test_score_math_two_turn_warm_start_data(tmp_path):
+    """experiment=score_math's warm-start data stages on local MATH files: every gold solution is
+    kept, and the two-turn examples pair a wrong (or right) attempt plus SCoRe's instruction with
+    the gold solution."""
+    from selfimprove.data import seed_data
+    from selfimprove.episodes import two_turn_seed_data
+    from selfimprove.pipeline import Run, read_jsonl
+
+    data = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
+    cfg = compose_cfg(["experiment=score_math", f"dataset.train.path={data}", f"dataset.test.path={data}"])
+    assert (cfg.method.name, cfg.dataset.name, cfg.model.chat_template) == ("score", "math", False)
+    dataset = plain(cfg.dataset)
+    with Run(tmp_path / "run", log=lambda _: None) as run:
+        seeds = run.stage("warmstart/data", seed_data, dataset=dataset, hint_fraction=0.0, seed=0)
+        both = run.stage(
+            "warmstart/two_turn", two_turn_seed_data, seeds=seeds, dataset=dataset, fraction=1.0, seed=0
+        )
+    rows = read_jsonl(both.file("train.jsonl"))
+    kinds = [r["meta"].get("two_turn") for r in rows]
+    assert kinds.count(None) == 4 and kinds.count("fix") == 4 and kinds.count("keep") == 4
+    task = tasks.load(dataset)
+    for r in rows:
+        if r["meta"].get("two_turn") in ("fix", "keep"):
+            assert (
+                r["prompt"].endswith(task.correction_instruction + "\n")
+                and r["completion"].count("\\boxed") == 1
+            )
+            assert task.reward([], [r["completion"]], [r["answer"]]) == [1.0]

@@ -55,9 +55,15 @@ def fill(template: str, **values: str) -> str:
 
 
 class MathTask(Task):
-    """Shared by GSM8K and MATH: split loading, sizes, prompts and the math-verify reward."""
+    """Shared by GSM8K and MATH: split loading, sizes, prompts, the math-verify reward and the
+    two-turn (self-correction) prompts of SCoRe's MATH experiments."""
 
-    version = 1
+    version = 2
+    #: SCoRe's (Kumar et al. 2024, appendix) MATH self-correction instruction, word for word
+    correction_instruction = (
+        "There might be an error in the solution above because of lack of understanding of the "
+        "question. Please correct the error, if any, and rewrite the solution."
+    )
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -150,6 +156,28 @@ class MathTask(Task):
 
     def max_new_tokens(self, record: dict) -> int:
         return int(self.cfg["max_new_tokens"])
+
+    # -- two-turn episodes -------------------------------------------------------------------------
+    def turn_prompt(self, prompt: str, attempt: str, instruction: str) -> str:
+        """Problem, the previous attempt (cut after its boxed answer), then the instruction on its
+        own paragraph, as SCoRe's prompts lay it out (plain text: the model has no chat template)."""
+        return f"{prompt}{self.clean(attempt)}\n\n{instruction}\n"
+
+    def corrupt(self, record: dict, rng) -> str:
+        """The gold solution with a wrong final answer: an integer moved by 1-9, anything else
+        plus one (so math-verify rejects it), for SCoRe's two-turn warm-start examples."""
+        completion = record["completion"]
+        end = end_of_last_boxed(completion)
+        answer = last_boxed(completion)
+        if end is None or answer is None:
+            raise ConfigError(f"gold completion of {record['id']} has no \\boxed{{}} answer to corrupt")
+        stripped = answer.strip().replace(",", "")
+        if re.fullmatch(r"-?\d+", stripped):
+            wrong = str(int(stripped) + rng.choice([-1, 1]) * rng.randint(1, 9))
+        else:
+            wrong = f"{answer}+1"
+        start = end - len(answer) - 1
+        return completion[:start] + wrong + completion[end - 1 :]
 
 
 class GSM8K(MathTask):
