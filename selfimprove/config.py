@@ -250,6 +250,43 @@ class RestEm:
     train: Train = MISSING
 
 
+@dataclass
+class DpoTrain(Train):
+    beta: float = MISSING
+    loss_type: str = MISSING
+
+
+@dataclass
+class Spin:
+    name: str = MISSING
+    iterations: int = MISSING
+    prompts_per_iteration: int | None = None
+    sampling: Sampling = MISSING
+    mix_previous: bool = MISSING
+    warmstart: Train = MISSING
+    train: DpoTrain = MISSING
+
+
+@dataclass
+class JudgeSettings:
+    name: str = MISSING
+    samples: int = MISSING
+    temperature: float = MISSING
+    max_tokens: int = MISSING
+
+
+@dataclass
+class SelfRewarding:
+    name: str = MISSING
+    iterations: int = MISSING
+    sampling: Sampling = MISSING
+    judge: JudgeSettings = MISSING
+    judge_examples_fraction: float = MISSING
+    anchored_rejection: bool = MISSING
+    warmstart: Train = MISSING
+    train: DpoTrain = MISSING
+
+
 # -- report ------------------------------------------------------------------------------------
 @dataclass
 class ReportColumn:
@@ -458,6 +495,8 @@ GROUP_SCHEMAS = {
         "self_refine": SelfRefine,
         "grpo": Grpo,
         "score": Score,
+        "spin": Spin,
+        "self_rewarding": SelfRewarding,
     },
     "eval": {"eval": Eval},
     "generator": {"generator": Generator},

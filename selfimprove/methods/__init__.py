@@ -15,5 +15,7 @@ METHODS = Registry(
         "self_refine": "selfimprove.methods.self_refine:self_refine",
         "grpo": "selfimprove.methods.grpo:grpo",
         "score": "selfimprove.methods.score:score",
+        "spin": "selfimprove.methods.spin:spin",
+        "self_rewarding": "selfimprove.methods.self_rewarding:self_rewarding",
     },
 )

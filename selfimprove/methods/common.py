@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from omegaconf import DictConfig
 
 from selfimprove.data import seed_data
@@ -18,11 +20,14 @@ def warm_start(
     dataset: dict,
     hint_fraction: float = 0.0,
     two_turn_fraction: float | None = None,
+    augment: Callable[[Artifact], Artifact] | None = None,
 ) -> tuple[Artifact, Artifact, Artifact]:
     """M0: build the model, fine-tune it on the seed demonstrations, evaluate it (iteration 0).
     Returns (seed data, warm-started model, its evaluation). Same stages and inputs as STaR's warm start.
     With ``two_turn_fraction`` (self-correction methods) the demonstrations gain two-turn examples
-    (``warmstart/two_turn``) and the evaluation is two-turn (``episodes.two_turn_eval``)."""
+    (``warmstart/two_turn``) and the evaluation is two-turn (``episodes.two_turn_eval``).
+    ``augment(seeds)`` runs a stage that adds to the demonstrations (e.g. judge examples) and
+    returns its artifact."""
     m, hw = cfg.method, cfg.hardware
     base = run.stage("init", init_model, model=cfg.model, seed=cfg.seed)
     seeds = run.stage(
@@ -37,6 +42,8 @@ def warm_start(
             fraction=two_turn_fraction,
             seed=cfg.seed,
         )
+    if augment is not None:
+        seeds = augment(seeds)
     if m.warmstart.steps == 0:  # no warm start ("zero RL" from a base model): M0 is the model itself
         model = base
     else:

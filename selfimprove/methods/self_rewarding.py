@@ -1,0 +1,86 @@
+"""Self-Rewarding Language Models (Yuan et al., 2024), with Temporal Self-Rewarding's anchored
+rejection (Wang et al., 2025) as an option. docs/methods/self_rewarding.md maps the papers to this.
+
+M_1 <- warm start: SFT on IFT data (seed demonstrations) + EFT data (judge examples scored by the verifier)
+for t = 1..T:
+    x_i          <- new prompts
+    y_i^1..N     <- sample N responses from M_t
+    r_i^n        <- M_t judges each response with the judge prompt (mean of parseable judgements)
+    D_t          <- {(x_i, best y_i, worst y_i)}; ties dropped
+                    [anchored rejection: worst of M_1's responses to x_i, judged by M_t]
+    M_t+1        <- DPO(init M_t, reference M_t, D_t)
+    evaluate M_t+1 on held-out sets; log the judge's agreement with the verifier
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from selfimprove import tasks
+from selfimprove.data import task_prompts
+from selfimprove.generation import generate
+from selfimprove.methods.common import held_out_eval, warm_start
+from selfimprove.pipeline import Run
+from selfimprove.preference import judged_pairs
+from selfimprove.scoring import score
+from selfimprove.scoring.judge import get_judge, judge_responses, judge_seed_data
+from selfimprove.training.dpo import dpo
+
+
+def self_rewarding(cfg: DictConfig, run: Run) -> None:
+    m, hw, gen = cfg.method, cfg.hardware, cfg.generator
+    dataset = tasks.spec(cfg.dataset)
+    get_judge(m.judge.name)  # an unknown judge fails before anything is computed
+
+    def with_judge_examples(seeds):
+        return run.stage(
+            "warmstart/judge_data",
+            judge_seed_data,
+            seeds=seeds,
+            dataset=dataset,
+            judge=m.judge,
+            fraction=m.judge_examples_fraction,
+            seed=cfg.seed,
+        )
+
+    _, model, _ = warm_start(cfg, run, dataset, augment=with_judge_examples)
+    initial = model
+
+    def respond_and_judge(it, prefix, responder, judge_model, prompts, seed):
+        """Sample responses, verify them (for logging only) and let the judge model score them."""
+        samples = it.stage(
+            f"{prefix}generate",
+            generate,
+            model=responder,
+            prompts=prompts,
+            sampling=m.sampling,
+            generator=gen,
+            hardware=hw,
+            seed=seed,
+        )
+        scored = it.stage(f"{prefix}score", score, samples=samples, dataset=dataset)
+        judged = it.stage(
+            f"{prefix}judge",
+            judge_responses,
+            model=judge_model,
+            scored=scored,
+            dataset=dataset,
+            judge=m.judge,
+            generator=gen,
+            hardware=hw,
+            seed=seed,
+        )
+        return scored, judged
+
+    for it in run.iterations(m.iterations):
+        seed = cfg.seed * 1000 + it.index
+        prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
+        scored, judged = respond_and_judge(it, "", model, model, prompts, seed)
+        anchor = None
+        if m.anchored_rejection:  # rejected responses come from the initial model, judged by M_t
+            anchor = respond_and_judge(it, "anchor_", initial, model, prompts, seed)[1]
+        pairs = it.stage("pairs", judged_pairs, judged=judged, anchor=anchor, dataset=dataset)
+        model = it.stage(
+            "train", dpo, model=model, pairs=pairs, train=m.train, hardware=hw, seed=seed, reference=model
+        )
+        run.record(it.index, held_out_eval(it, "eval", cfg, model, dataset, seed), scored, judged, pairs)

@@ -1,0 +1,55 @@
+"""SPIN: Self-Play Fine-Tuning (Chen et al., 2024). docs/methods/spin.md maps the paper to this.
+
+θ_0 <- warm start: SFT on the seed demonstrations (the paper: the SFT model, e.g. zephyr-7b-sft-full)
+for t = 0..T-1:
+    y'_i <- sample a response from p_θt for each prompt x_i of the SFT data {(x_i, y_i)}
+    D_t  <- {(x_i, chosen = y_i, rejected = y'_i)}        [U D_{t-1} if mix_previous]
+    θ_t+1 <- DPO(init θ_t, reference θ_t, D_t)             (SPIN's loss = DPO's logistic loss)
+    evaluate θ_t+1 on held-out sets
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from selfimprove import tasks
+from selfimprove.generation import generate
+from selfimprove.methods.common import held_out_eval, warm_start
+from selfimprove.pipeline import Run
+from selfimprove.preference import sft_prompts, spin_pairs
+from selfimprove.training.dpo import dpo
+
+
+def spin(cfg: DictConfig, run: Run) -> None:
+    m, hw, gen = cfg.method, cfg.hardware, cfg.generator
+    dataset = tasks.spec(cfg.dataset)
+    seeds, model, _ = warm_start(cfg, run, dataset)
+    previous = None
+
+    for it in run.iterations(m.iterations):
+        seed = cfg.seed * 1000 + it.index
+        prompts = it.stage("prompts", sft_prompts, seeds=seeds, size=m.prompts_per_iteration, seed=seed)
+        # the opponent: the previous iterate answers the SFT prompts
+        samples = it.stage(
+            "generate",
+            generate,
+            model=model,
+            prompts=prompts,
+            sampling=m.sampling,
+            generator=gen,
+            hardware=hw,
+            seed=seed,
+        )
+        pairs = it.stage(
+            "pairs",
+            spin_pairs,
+            samples=samples,
+            dataset=dataset,
+            previous=previous if m.mix_previous else None,
+        )
+        # the main player: DPO from the previous iterate, which is also the reference
+        model = it.stage(
+            "train", dpo, model=model, pairs=pairs, train=m.train, hardware=hw, seed=seed, reference=model
+        )
+        run.record(it.index, held_out_eval(it, "eval", cfg, model, dataset, seed), pairs)
+        previous = pairs

@@ -1,0 +1,128 @@
+"""SPIN and Self-Rewarding end to end on very small configs (the tiny model really trained with
+TRL's DPOTrainer), and a run killed in the middle of an iteration: the same command finishes it
+without recomputing the stages that were done."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from selfimprove.app import run
+from selfimprove.pipeline import DONE, read_jsonl
+from tests.conftest import compose_cfg, selfimprove
+
+pytestmark = pytest.mark.slow
+
+SMALL = [
+    "method.iterations=2",
+    "method.warmstart.steps=30",
+    "method.train.steps=4",
+    "method.train.batch_size=8",
+    "method.sampling.max_tokens=24",
+    "dataset.seed_per_level=40",
+    "dataset.train_per_iteration=12",
+    "dataset.test_levels=[2]",
+    "dataset.test_per_level=8",
+    "model.intermediate_size=128",
+]
+SPIN = ["method=spin", "method.prompts_per_iteration=24", *SMALL]
+SELF_REWARDING = ["method=self_rewarding", "method.anchored_rejection=true", "method.sampling.n=3", *SMALL]
+
+
+def test_spin_end_to_end(tmp_path):
+    rows = run(compose_cfg([*SPIN, f"run_dir={tmp_path}"]))
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and all("acc/2" in r for r in rows)
+    first, second = (read_jsonl(tmp_path / f"iter_0{i}" / "pairs" / "pairs.jsonl") for i in (1, 2))
+    assert first and rows[1]["pairs/new"] == len(first) and rows[1]["pairs/from_previous"] == 0
+    assert rows[2]["pairs/from_previous"] == len(first), "iteration 2 mixes in iteration 1's pairs"
+    gold = {r["id"]: r["completion"] for r in read_jsonl(tmp_path / "warmstart" / "data" / "train.jsonl")}
+    assert all(p["chosen"] == gold[p["id"]] != p["rejected"] for p in first)
+    counts = [json.loads((tmp_path / f"iter_0{i}" / "train" / DONE).read_text()) for i in (1, 2)]
+    assert [c["counts"]["steps"] for c in counts] == [4, 4]
+    assert counts[1]["inputs"] == {
+        "model": "iter_01/train",
+        "reference": "iter_01/train",
+        "pairs": "iter_02/pairs",
+        "train": counts[1]["inputs"]["train"],
+        "hardware": counts[1]["inputs"]["hardware"],
+        "seed": 2,
+    }, "each iteration trains from the previous iterate, which is also the reference"
+
+
+def test_self_rewarding_end_to_end(tmp_path):
+    rows = run(compose_cfg([*SELF_REWARDING, f"run_dir={tmp_path}"]))
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    for key in (
+        "acc/2",
+        "judge/parsed",
+        "judge/agreement",
+        "pairs/count",
+        "pairs/accuracy",
+        "sample_accuracy",
+    ):
+        assert key in rows[1] and key in rows[2], key
+    eft = [
+        r
+        for r in read_jsonl(tmp_path / "warmstart" / "judge_data" / "train.jsonl")
+        if "judge_example" in r["meta"]
+    ]
+    assert {r["completion"] for r in eft} == {" 0", " 1"} and all(
+        r["prompt"].endswith("\njudge:") for r in eft
+    )
+    judged = read_jsonl(tmp_path / "iter_01" / "judge" / "judged.jsonl")
+    assert len(judged) == 12 * 3 and all("judge" in r and "judgements" in r["meta"] for r in judged)
+    anchor = read_jsonl(tmp_path / "iter_01" / "anchor_judge" / "judged.jsonl")
+    pairs = read_jsonl(tmp_path / "iter_01" / "pairs" / "pairs.jsonl")
+    anchor_texts = {r["completion"] for r in anchor}
+    assert all(p["rejected"] in anchor_texts or p["rejected"].startswith(tuple(anchor_texts)) for p in pairs)
+    assert all(p["meta"]["chosen_judge"] > p["meta"]["rejected_judge"] for p in pairs)
+
+
+def test_killed_mid_iteration_resumes_without_recomputing(tmp_path):
+    kill_in = "iter_01/train"  # after the iteration's generate and pairs stages are done
+    settings = ["method.iterations=1", "method.train.steps=30", "out_root=outputs", "store=false"]
+    command = ["run", *SPIN, *settings, "hardware.num_threads=1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "selfimprove.cli", *command],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if list((tmp_path / "outputs").glob(f"*/{kill_in}.partial/trainer")):
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                break
+            assert proc.poll() is None, f"the run finished before {kill_in} started"
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"{kill_in} never started")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (root,) = [p for p in (tmp_path / "outputs").iterdir() if p.is_dir()]
+    assert not (root / kill_in / DONE).exists()
+
+    selfimprove(*command, cwd=tmp_path)
+    actions: dict[str, list[str]] = {}
+    for e in read_jsonl(root / "events.jsonl"):
+        actions.setdefault(e["stage"], []).append(e["action"])
+    done_before = [
+        "warmstart/train",
+        "warmstart/eval",
+        "iter_01/prompts",
+        "iter_01/generate",
+        "iter_01/pairs",
+    ]
+    for stage_name in done_before:
+        assert actions[stage_name] == ["computed", "reused"], (stage_name, actions[stage_name])
+    assert actions[kill_in] == ["computed"] and (root / kill_in / DONE).exists()
+    assert [r["iteration"] for r in read_jsonl(root / "metrics.jsonl")] == [0, 1]
