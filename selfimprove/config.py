@@ -375,6 +375,30 @@ class Score:
     sft: Train = MISSING
 
 
+@dataclass
+class SpcSynth:
+    critic_fraction: float = MISSING
+    sneaky_fraction: float = MISSING
+    exemplar_examples: int = MISSING
+    sneaky_kinds: list[str] = MISSING
+
+
+@dataclass
+class Spc:
+    name: str = MISSING
+    rounds: int = MISSING
+    roles: str = MISSING
+    synth: SpcSynth = MISSING
+    warmstart: Train = MISSING
+    bench_levels: list[int] = MISSING
+    bench_sampling: Sampling = MISSING
+    solutions: Sampling = MISSING
+    games: int = MISSING
+    sneaky: Sampling = MISSING
+    critic: Sampling = MISSING
+    train: Train = MISSING
+
+
 # -- evaluation ----------------------------------------------------------------------------------
 @dataclass
 class Eval:
@@ -458,6 +482,7 @@ GROUP_SCHEMAS = {
         "self_refine": SelfRefine,
         "grpo": Grpo,
         "score": Score,
+        "spc": Spc,
     },
     "eval": {"eval": Eval},
     "generator": {"generator": Generator},

@@ -15,5 +15,6 @@ METHODS = Registry(
         "self_refine": "selfimprove.methods.self_refine:self_refine",
         "grpo": "selfimprove.methods.grpo:grpo",
         "score": "selfimprove.methods.score:score",
+        "spc": "selfimprove.methods.spc:spc",
     },
 )
