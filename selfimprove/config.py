@@ -392,6 +392,7 @@ class Spc:
     warmstart: Train = MISSING
     bench_levels: list[int] = MISSING
     bench_sampling: Sampling = MISSING
+    game_levels: list[int] | None = MISSING
     solutions: Sampling = MISSING
     games: int = MISSING
     sneaky: Sampling = MISSING

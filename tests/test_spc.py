@@ -120,6 +120,7 @@ SMALL = [
     "method.train.batch_size=16",
     "method.synth.exemplar_examples=1",
     "method.bench_levels=[1]",
+    "method.game_levels=null",
     "method.games=8",
     "method.critic.n=2",
     "dataset.seed_levels=[1]",
@@ -240,3 +241,27 @@ def test_spc_killed_mid_round_resumes_without_recomputing(played, tmp_path):
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[2]["games"] <= 6
     assert json.loads((run_dir / "iter_02" / "train" / DONE).read_text())["counts"]["steps"] == 8
+
+
+@pytest.mark.slow
+def test_separate_roles_train_two_models_from_the_same_game(played, tmp_path):
+    _, root = played  # round 1's game is the same as the shared run's (both roles are still M0): shared
+    rows = run(
+        compose_cfg(
+            [
+                *SMALL,
+                "method.roles=separate",
+                "method.rounds=1",
+                f"run_dir={tmp_path}",
+                f"store_dir={root / 'store'}",
+            ]
+        )
+    )
+    assert [r["iteration"] for r in rows] == [0, 1] and "critic/f1" in rows[1]
+    shared = {e["stage"] for e in read_jsonl(tmp_path / "events.jsonl") if e["action"] == "shared"}
+    assert {"warmstart/train", "bench/solutions", "iter_01/game"} <= shared
+    for role in ("critic", "sneaky"):
+        data = read_jsonl(tmp_path / "iter_01" / f"build_{role}" / "train.jsonl")
+        assert data and {r["meta"]["role"] for r in data} == {role}
+        assert (tmp_path / "iter_01" / f"train_{role}" / "model" / "model.safetensors").exists()
+    assert not (tmp_path / "iter_01" / "train").exists()

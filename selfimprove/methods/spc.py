@@ -72,9 +72,10 @@ def spc(cfg: DictConfig, run: Run) -> None:
     )
 
     models = {"critic": solver, "sneaky": solver}
+    game_set = {**dataset, "train_levels": list(m.game_levels)} if m.game_levels else dataset
     for it in run.iterations(m.rounds):
         seed = cfg.seed * 1000 + it.index
-        prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
+        prompts = it.stage("prompts", task_prompts, dataset=game_set, iteration=it.index)
         solutions = it.stage(
             "solutions",
             generate,
@@ -135,6 +136,10 @@ def check(cfg: DictConfig) -> None:
     if unknown or not m.synth.sneaky_kinds:
         raise ConfigError(
             f"method.synth.sneaky_kinds has unknown or no kinds {unknown}; allowed: {', '.join(task.wrong_step_kinds)}"
+        )
+    if m.game_levels is not None and (not m.game_levels or min(m.game_levels) < 1):
+        raise ConfigError(
+            f"method.game_levels={list(m.game_levels)} must be null or a non-empty list of levels >= 1"
         )
     missing = sorted(set(m.bench_levels) - set(cfg.dataset.test_levels))
     if missing or not m.bench_levels:
