@@ -123,7 +123,7 @@ def spc(cfg: DictConfig, run: Run) -> None:
 def check(cfg: DictConfig) -> None:
     """Refuse, before anything runs, a task without a step checker and bad role or level names."""
     name = cfg.dataset.name
-    task = tasks.load(cfg.dataset)
+    task = tasks.TASKS.get(name)  # the class: nothing is loaded or downloaded to check it
     if not hasattr(task, "first_error"):
         checked = [n for n in tasks.TASKS.names() if hasattr(tasks.TASKS.get(n), "first_error")]
         raise ConfigError(
@@ -217,11 +217,19 @@ def role_seed_data(out: Path, seeds: Artifact, dataset: dict, synth: dict, seed:
                 label = task.first_error(r, wrong)
                 if label is not None:
                     extra.append(
-                        role_example(r, f"critic-{j}", "critic", critic_prompt(task, r, wrong), str(label))
+                        role_example(
+                            r,
+                            f"critic-{j}",
+                            "critic",
+                            critic_prompt(task, r, wrong),
+                            verdict_text(task, label),
+                        )
                     )
                 if j == 0:
                     extra.append(
-                        role_example(r, "critic-ok", "critic", critic_prompt(task, r, gold), task.feedback_ok)
+                        role_example(
+                            r, "critic-ok", "critic", critic_prompt(task, r, gold), verdict_text(task, None)
+                        )
                     )
             if exemplar or rng.random() < synth["sneaky_fraction"]:
                 k = rng.randrange(task.column_steps(r))
