@@ -397,6 +397,7 @@ class Spc:
     games: int = MISSING
     sneaky: Sampling = MISSING
     critic: Sampling = MISSING
+    balance_critic: bool = MISSING
     train: Train = MISSING
 
 

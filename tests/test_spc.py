@@ -16,8 +16,8 @@ import time
 import pytest
 
 from selfimprove.app import plan, run
-from selfimprove.methods.spc import UNPARSEABLE, outcome, parse_verdict
-from selfimprove.pipeline import DONE, read_jsonl
+from selfimprove.methods.spc import UNPARSEABLE, game_data, outcome, parse_verdict
+from selfimprove.pipeline import DONE, Artifact, read_jsonl, write_jsonl
 from selfimprove.registry import ConfigError
 from selfimprove.tasks import load
 from selfimprove.tasks.arithmetic import WRONG_STEP_KINDS, first_error, rationale, steps, wrong_step
@@ -71,6 +71,36 @@ def test_game_rewards():
     assert outcome(2, UNPARSEABLE) == (-1, 1)  # no verdict is a loss, never a guess
     assert outcome(None, None) == (1, -1)  # accepts a correct solution
     assert outcome(None, 0) == (-1, 1)  # rejects a correct one
+
+
+def test_round_data_is_exactly_the_winning_moves(tmp_path):
+    def line(i, kind, verdicts, rewards, sneaky=None):
+        meta = {"rewrite": f"w{i}"}
+        return {"id": str(i), "answer": "1", "kind": kind, "meta": meta, "critic_prompt": f"c{i}"} | (
+            {"verdicts": verdicts, "critic_rewards": rewards}
+            | ({"sneaky_prompt": f"s{i}", "sneaky_reward": sneaky} if kind == "sneaky" else {})
+        )
+
+    games = [
+        line(0, "plain", ["ok", "ok", "0"], [1, 1, -1]),  # one distinct winning verdict: ok
+        line(1, "plain", ["ok", "1"], [1, -1]),
+        line(2, "sneaky", ["1", "ok"], [1, -1], sneaky=0.0),  # a draw: the rewrite is not kept
+        line(3, "sneaky", ["ok", "0"], [-1, -1], sneaky=1.0),  # fooled the critic: the rewrite is kept
+    ] + [{"id": "4", "answer": "1", "kind": "invalid", "meta": {"rewrite": "w4"}, "sneaky_reward": -1.0}]
+    for name, records in {"game": games, "replay": [{"id": "r", "meta": {"role": "critic"}}]}.items():
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / ("games.jsonl" if name == "game" else "train.jsonl"), records)
+    inputs = {k: Artifact(k, tmp_path / k, k) for k in ("game", "replay")}
+    for balance, said_ok in ((False, 2), (True, 1)):  # balanced: no more ok than named steps (one)
+        out = tmp_path / f"out{balance}"
+        out.mkdir()
+        counts = game_data(out, **inputs, roles=["critic", "sneaky"], seed=0, balance=balance)
+        data = {(r["prompt"], r["completion"]) for r in read_jsonl(out / "train.jsonl") if r["id"] != "r"}
+        assert {x for x in data if x[1] != "ok"} == {("c2", "1"), ("s3", "w3")}
+        assert sum(x[1] == "ok" for x in data) == said_ok and counts["replayed"] == 1
+    (tmp_path / "critic").mkdir()
+    critic_only = game_data(tmp_path / "critic", **inputs, roles=["critic"], seed=0)
+    assert critic_only["won_sneaky"] == 0 and critic_only["won_critic"] == 3
 
 
 def test_verdicts_are_parsed_never_coerced():

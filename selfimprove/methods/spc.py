@@ -104,7 +104,11 @@ def spc(cfg: DictConfig, run: Run) -> None:
         groups = [["critic", "sneaky"]] if m.roles == "shared" else [["critic"], ["sneaky"]]
         for roles in groups:
             suffix = "" if m.roles == "shared" else f"_{roles[0]}"
-            data = it.stage(f"build{suffix}", game_data, game=game, replay=roles_data, roles=roles, seed=seed)
+            # balance is passed only when on, so that runs without it keep their fingerprints
+            balance = {"balance": True} if m.balance_critic else {}
+            data = it.stage(
+                f"build{suffix}", game_data, game=game, replay=roles_data, roles=roles, seed=seed, **balance
+            )
             trained = it.stage(
                 f"train{suffix}",
                 sft,
@@ -468,10 +472,14 @@ def play(
 
 
 @stage(version=1)
-def game_data(out: Path, game: Artifact, replay: Artifact, roles: list, seed: int) -> dict:
+def game_data(
+    out: Path, game: Artifact, replay: Artifact, roles: list, seed: int, balance: bool = False
+) -> dict:
     """Stage: reward-filtered SFT data from one round's games for ``roles``: the critic's winning
     verdicts (critic reward +1, deduplicated per prompt) and the sneaky generator's winning rewrites
-    (mean sneaky reward > 0), plus the warm start's synthetic examples of the same roles (replay)."""
+    (mean sneaky reward > 0), plus the warm start's synthetic examples of the same roles (replay).
+    With ``balance`` the critic's winning "ok" verdicts are subsampled to at most as many as its
+    winning verdicts that name a step."""
     kept: dict[tuple[str, str], dict] = {}
     for x in read_jsonl(game.file("games.jsonl")):
         moves = []
@@ -493,6 +501,13 @@ def game_data(out: Path, game: Artifact, replay: Artifact, roles: list, seed: in
                 },
             )
     won = list(kept.values())
+    if balance:
+        said_ok = [
+            i for i, r in enumerate(won) if r["meta"]["role"] == "critic" and not r["completion"].isdigit()
+        ]
+        named = sum(r["meta"]["role"] == "critic" and r["completion"].isdigit() for r in won)
+        dropped = set(random.Random(seed).sample(said_ok, max(0, len(said_ok) - named)))
+        won = [r for i, r in enumerate(won) if i not in dropped]
     replayed = [r for r in read_jsonl(replay.file("train.jsonl")) if r["meta"]["role"] in roles]
     data = won + replayed
     random.Random(seed).shuffle(data)
