@@ -412,6 +412,32 @@ class Score:
     sft: Train = MISSING
 
 
+@dataclass
+class SpcSynth:
+    critic_fraction: float = MISSING
+    sneaky_fraction: float = MISSING
+    exemplar_examples: int = MISSING
+    sneaky_kinds: list[str] = MISSING
+
+
+@dataclass
+class Spc:
+    name: str = MISSING
+    rounds: int = MISSING
+    roles: str = MISSING
+    synth: SpcSynth = MISSING
+    warmstart: Train = MISSING
+    bench_levels: list[int] = MISSING
+    bench_sampling: Sampling = MISSING
+    game_levels: list[int] | None = MISSING
+    solutions: Sampling = MISSING
+    games: int = MISSING
+    sneaky: Sampling = MISSING
+    critic: Sampling = MISSING
+    balance_critic: bool = MISSING
+    train: Train = MISSING
+
+
 # -- evaluation ----------------------------------------------------------------------------------
 @dataclass
 class Eval:
@@ -497,6 +523,7 @@ GROUP_SCHEMAS = {
         "score": Score,
         "spin": Spin,
         "self_rewarding": SelfRewarding,
+        "spc": Spc,
     },
     "eval": {"eval": Eval},
     "generator": {"generator": Generator},

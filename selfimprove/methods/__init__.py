@@ -17,5 +17,6 @@ METHODS = Registry(
         "score": "selfimprove.methods.score:score",
         "spin": "selfimprove.methods.spin:spin",
         "self_rewarding": "selfimprove.methods.self_rewarding:self_rewarding",
+        "spc": "selfimprove.methods.spc:spc",
     },
 )

@@ -19,9 +19,13 @@ from __future__ import annotations
 import random
 import re
 
+from selfimprove.registry import ConfigError
 from selfimprove.tasks.base import Task
 
 ANSWER = re.compile(r"ans (\d+)")
+STEP = re.compile(r"^(\d+\+\d+:)?(\d)\+(\d)\+(\d)=(\d\d)\|(\d+)$")
+#: ways ``wrong_step`` can make one column step wrong (SPC's sneaky rewrites, synthesised)
+WRONG_STEP_KINDS = ("sum", "carry", "copy", "digit")
 
 
 def rationale(a: int, b: int, slip: tuple[int, int] | None = None) -> str:
@@ -47,8 +51,50 @@ def extract_answer(completion: str) -> str | None:
     return match.group(1) if match else None
 
 
+def steps(solution: str) -> list[str]:
+    """The steps of a scratchpad: one per digit column, then ``ans N`` (text after it is dropped)."""
+    match = ANSWER.search(solution)
+    solution = solution[: match.end()] if match else solution
+    return solution.split(";") if solution else []
+
+
+def first_error(a: int, b: int, solution: str) -> int | None:
+    """Index of the first wrong step of a scratchpad for a + b, or None when every step is right.
+    Each step is determined by the problem and the steps before it (the digits left, the carry,
+    the partial result), so the first wrong step is the first that differs from the recomputed one;
+    a solution that stops early is wrong at the step it is missing."""
+    written, gold = steps(solution), steps(rationale(a, b))
+    for k, (step, right) in enumerate(zip(written, gold)):
+        if step != right:
+            return k
+    return None if len(written) == len(gold) else min(len(written), len(gold))
+
+
+def wrong_step(a: int, b: int, k: int, kind: str, rng: random.Random) -> str:
+    """Column step ``k`` of a + b rewritten into a wrong one of the given kind (the prefix kept):
+    ``sum`` the sum off by one; ``carry`` the other carry, summed consistently; ``copy`` the new
+    digit of the partial result not the sum's; ``digit`` an operand digit misread by one."""
+    restated, x, y, c, s, partial = STEP.match(steps(rationale(a, b))[k]).groups()
+    x, y, c, s = int(x), int(y), int(c), int(s)
+    if kind == "sum":
+        s += rng.choice([d for d in (-1, 1) if 0 <= s + d <= 19])
+    elif kind == "carry":
+        c = 1 - c
+        s = x + y + c
+    elif kind == "digit":
+        y += rng.choice([d for d in (-1, 1) if 0 <= y + d <= 9])
+        s = x + y + c
+    elif kind != "copy":
+        raise ConfigError(
+            f"wrong step kind '{kind}' is not allowed; use one of {', '.join(WRONG_STEP_KINDS)}"
+        )
+    digit = (s % 10 + rng.choice((-1, 1))) % 10 if kind == "copy" else s % 10
+    return f"{restated or ''}{x}+{y}+{c}={s:02d}|{digit}{partial[1:]}"
+
+
 class Arithmetic(Task):
     version = 3
+    wrong_step_kinds = WRONG_STEP_KINDS
 
     # -- data ----------------------------------------------------------------------------------
     def _operand(self, rng: random.Random, digits: int) -> int:
@@ -150,6 +196,20 @@ class Arithmetic(Task):
         column = int(str(a).zfill(width)[::-1][step]) + int(str(b).zfill(width)[::-1][step])
         delta = rng.choice([d for d in (-1, 1) if 0 <= column + d <= 18])  # a sum one column can write
         return rationale(a, b, slip=(step, delta))
+
+    # -- steps (SPC's critic): the scratchpad's steps and where the first wrong one is -------------
+    def steps(self, solution: str) -> list[str]:
+        return steps(solution)
+
+    def first_error(self, record: dict, solution: str) -> int | None:
+        return first_error(record["meta"]["a"], record["meta"]["b"], solution)
+
+    def column_steps(self, record: dict) -> int:
+        """How many steps of the gold scratchpad are digit columns (the rest is ``ans N``)."""
+        return max(len(str(record["meta"]["a"])), len(str(record["meta"]["b"])))
+
+    def wrong_step(self, record: dict, k: int, kind: str, rng: random.Random) -> str:
+        return wrong_step(record["meta"]["a"], record["meta"]["b"], k, kind, rng)
 
     def hint_prompt(self, record: dict) -> str:
         return f"{record['prompt'][:-1]}|{record['answer']}:"
