@@ -16,9 +16,9 @@ import time
 import pytest
 
 from selfimprove.app import plan, run
-from selfimprove.methods.spc import UNPARSEABLE, game_data, outcome, parse_verdict
 from selfimprove.pipeline import DONE, Artifact, read_jsonl, write_jsonl
 from selfimprove.registry import ConfigError
+from selfimprove.selfplay import UNPARSEABLE, game_data, outcome, parse_verdict
 from selfimprove.tasks import load
 from selfimprove.tasks.arithmetic import WRONG_STEP_KINDS, first_error, rationale, steps, wrong_step
 from tests.conftest import compose_cfg, selfimprove
