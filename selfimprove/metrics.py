@@ -19,6 +19,11 @@ from collections.abc import Sequence
 from selfimprove.registry import ConfigError
 
 
+def fraction(xs: Sequence[float | bool], empty: float | None = None) -> float | None:
+    """The mean of ``xs`` (booleans count as 0/1), rounded to 4 places; ``empty`` when there is none."""
+    return round(sum(xs) / len(xs), 4) if xs else empty
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """P(at least one of k samples drawn without replacement from n is correct), c of n correct:
     1 - C(n-c, k) / C(n, k)."""

@@ -9,11 +9,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from selfimprove import tasks
+from selfimprove.metrics import fraction as mean
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
-
-
-def mean(xs: list) -> float | None:
-    return round(sum(xs) / len(xs), 4) if xs else None
 
 
 @stage(version=1)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from selfimprove import tasks
 from selfimprove.generation import sample
-from selfimprove.metrics import by_prompt, maj_at_k
+from selfimprove.metrics import by_prompt, fraction, maj_at_k
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
 from selfimprove.scoring import score_records
 
@@ -174,7 +174,7 @@ def critic_eval(
     items = [{**s, "verdict": v[0][0], "critique": v[0][1]} for s, v in zip(items, judged)]
     wrong = [s for s in items if s["first_error"] is not None]
     right = [s for s in items if s["first_error"] is None]
-    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else 0.0  # noqa: E731
+    mean = lambda xs: fraction(xs, empty=0.0)  # noqa: E731
     acc_wrong = mean([s["verdict"] == s["first_error"] for s in wrong])
     acc_right = mean([s["verdict"] is None for s in right])
     f1 = round(2 * acc_wrong * acc_right / (acc_wrong + acc_right), 4) if acc_wrong + acc_right else 0.0

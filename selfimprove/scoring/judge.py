@@ -17,6 +17,7 @@ from pathlib import Path
 
 from selfimprove import tasks
 from selfimprove.generation import sample
+from selfimprove.metrics import fraction as mean
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
 from selfimprove.registry import ConfigError, unknown_choice
 
@@ -121,7 +122,6 @@ def agreement(judge: Judge, records: list[dict]) -> dict:
     parsed = [r for r in records if r["judge"] is not None]
     both = [r for r in parsed if r["reward"] is not None]
     agree = [says_correct(judge, r["judge"]) == (r["reward"] == 1.0) for r in both]
-    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
     return {
         "judge/parsed": mean([r["judge"] is not None for r in records]),
         "judge/agreement": mean(agree),
