@@ -465,6 +465,8 @@ class Hardware:
     # multi-process training through accelerate (training/launch.py)
     accelerate: str | None = MISSING
     num_processes: int | None = MISSING
+    # SFT/DPO checkpoint interval in optimizer steps (training/sft.py); null = none
+    checkpoint_steps: int | None = MISSING
     # vLLM engine settings (defaults and units are in conf/hardware/*.yaml)
     tensor_parallel_size: int = MISSING
     data_parallel_size: int = MISSING

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,6 +50,45 @@ def selfimprove(*args: str, cwd: Path, check: bool = True, **kwargs) -> subproce
             f"selfimprove {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+def kill_when(
+    args: list[str],
+    cwd: Path,
+    ready: str | Callable[[], object],
+    timeout: float = 300,
+    env: dict | None = None,
+):
+    """Start ``selfimprove *args`` in a subprocess and SIGKILL it as soon as ``ready`` holds: a glob
+    under ``cwd`` that matches, or a callable that returns something truthy (which is returned).
+    Fails when the run finishes first or never gets there."""
+    if isinstance(ready, str):
+        pattern, ready = ready, lambda: list(cwd.glob(pattern))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "selfimprove.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            found = ready()
+            if found:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return found
+            if proc.poll() is not None:
+                raise AssertionError(
+                    f"the run finished (exit {proc.returncode}) before the kill point was reached"
+                )
+            time.sleep(0.01)
+        raise AssertionError(f"the kill point was not reached in {timeout:.0f} s")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture

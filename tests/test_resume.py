@@ -5,18 +5,13 @@ run. A finished run run again recomputes nothing."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from selfimprove.pipeline import DONE, read_jsonl
-from tests.conftest import TINY_RUN, selfimprove
+from tests.conftest import TINY_RUN, kill_when, selfimprove
 
 pytestmark = pytest.mark.slow
 
@@ -46,28 +41,9 @@ def reference(tmp_path_factory) -> Path:
     return run_dir(cwd)
 
 
-def kill_during(stage: str, cwd: Path, timeout: float = 240) -> None:
+def kill_during(stage: str, cwd: Path) -> None:
     """Start the run, SIGKILL it as soon as ``stage`` is being computed."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "selfimprove.cli", *COMMAND],
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline:
-            if list((cwd / "outputs").glob(f"*/{stage}.partial")):
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return
-            if proc.poll() is not None:
-                raise AssertionError(f"the run finished before stage {stage} was seen running")
-            time.sleep(0.01)
-        raise AssertionError(f"stage {stage} never started")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(COMMAND, cwd, f"outputs/*/{stage}.partial", timeout=240)
 
 
 @pytest.mark.parametrize("stage", ["warmstart/train", "iter_01/generate", "iter_02/train", "iter_02/eval"])
@@ -83,6 +59,31 @@ def test_sigkill_mid_stage_then_same_command_finishes_with_same_metrics(stage, r
     assert all(after[name] == t for name, t in done_before.items()), "done stages were not recomputed"
     assert not list(root.rglob("*.partial")), "no partial folder is left behind"
     assert metrics_without_times(root) == metrics_without_times(reference)
+
+
+def test_training_killed_after_a_checkpoint_continues_from_it_to_the_same_result(reference, tmp_path):
+    command = [*COMMAND, "hardware.checkpoint_steps=10"]  # 30 warm-start steps: checkpoints at 10 and 20
+    kill_when(command, tmp_path, "outputs/*/warmstart/train.partial/trainer/checkpoint-*/trainer_state.json")
+    root = run_dir(tmp_path)
+    assert not (root / "warmstart" / "train" / DONE).exists()
+
+    out = selfimprove(*command, cwd=tmp_path).stdout
+    assert "warmstart/train (continuing from its checkpoint)" in out
+    counts = json.loads((root / "warmstart" / "train" / DONE).read_text())["counts"]
+    assert counts["resumed_from"] in ("checkpoint-10", "checkpoint-20") and counts["steps"] == 30, counts
+    assert not (root / "warmstart" / "train" / "trainer").exists(), "checkpoints are dropped when done"
+    # optimizer, scheduler, RNG and data order were restored: the same weights, so the same numbers
+    assert_same_weights(root / "warmstart" / "train" / "model", reference / "warmstart" / "train" / "model")
+    assert metrics_without_times(root) == metrics_without_times(reference)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    differing = [k for k in wa if not (wa[k] == wb[k]).all()]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
 
 
 def test_finished_run_rerun_recomputes_nothing(reference):

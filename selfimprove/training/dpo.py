@@ -19,7 +19,7 @@ from selfimprove.models import load_model, uses_chat_template
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
 from selfimprove.registry import ConfigError
 from selfimprove.training.launch import accelerated, launched
-from selfimprove.training.sft import lora_config, quiet_trainer, save_trained, trainer_args
+from selfimprove.training.sft import lora_config, quiet_trainer, save_trained, train_resuming, trainer_args
 
 
 def dpo_rows(records: list[dict], chat: bool) -> list[dict]:
@@ -42,7 +42,7 @@ def last_logged(history: list[dict], key: str, first: bool = False) -> float | N
     return round(values[0 if first else -1], 4) if values else None
 
 
-@stage(version=1)
+@stage(version=1, resumable=True)
 @accelerated
 def dpo(
     out: Path,
@@ -94,7 +94,7 @@ def dpo(
         peft_config=peft_config,
     )
     quiet_trainer(trainer)
-    trainer.train()
+    resumed_from = train_resuming(trainer, out)
     saved = save_trained(trainer, tokenizer, out)
     if not trainer.is_world_process_zero():
         return {}
@@ -107,5 +107,6 @@ def dpo(
         "margin_first": last_logged(history, "rewards/margins", first=True),
         "margin_last": last_logged(history, "rewards/margins"),
         "pair_accuracy_last": last_logged(history, "rewards/accuracies"),
+        "resumed_from": resumed_from,
         **saved,
     }

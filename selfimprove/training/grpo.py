@@ -10,7 +10,6 @@ through: ``rl.use_vllm``/``rl.vllm_mode`` and, for any other ``GRPOConfig`` fiel
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,23 +19,13 @@ from selfimprove.models import load_model, uses_chat_template
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
 from selfimprove.registry import ConfigError
 from selfimprove.training.launch import accelerated, launched
-from selfimprove.training.sft import quiet_trainer, save_trained, trainer_args
-
-
-def complete(checkpoint: Path) -> bool:
-    """transformers writes trainer_state.json last: a checkpoint without a readable one was cut short."""
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def last_checkpoint(out: Path) -> str | None:
-    """The newest complete ``trainer/checkpoint-N`` of a killed run, or None."""
-    found = sorted((out / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    found = [p for p in found if complete(p)]
-    return str(found[-1]) if found else None
+from selfimprove.training.sft import (
+    checkpointing_args,
+    quiet_trainer,
+    save_trained,
+    train_resuming,
+    trainer_args,
+)
 
 
 def check_rl(train: dict, rl: dict) -> None:
@@ -58,10 +47,7 @@ def grpo_config(train: dict, rl: dict, hardware: dict, out: Path, seed: int):
     check_rl(train, rl)
     args = trainer_args(train, hardware, out, seed)
     args.update(
-        save_strategy="steps",
-        save_steps=rl["save_steps"],
-        save_total_limit=1,
-        save_only_model=False,
+        **checkpointing_args(rl["save_steps"]),
         logging_steps=1,
         num_generations=rl["num_generations"],
         max_completion_length=rl["max_completion_length"],
@@ -118,8 +104,7 @@ def train_rl(
         **trainer_kwargs,
     )
     quiet_trainer(trainer)
-    resume = last_checkpoint(out)
-    trainer.train(resume_from_checkpoint=resume)
+    resumed_from = train_resuming(trainer, out)
     saved = save_trained(trainer, tokenizer, out)
     if not trainer.is_world_process_zero():  # under accelerate, rank 0 writes the stage's files
         return {}
@@ -127,7 +112,7 @@ def train_rl(
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     return {
         "prompts": len(records),
-        "resumed_from": Path(resume).name if resume else None,
+        "resumed_from": resumed_from,
         "mean_reward_first": round(rewards[0], 4) if rewards else None,
         "mean_reward_last": round(rewards[-1], 4) if rewards else None,
         **saved,

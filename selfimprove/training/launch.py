@@ -42,7 +42,10 @@ def accelerate_config(name: str) -> Path:
 
 
 def check(hardware: dict) -> None:
-    """Fail at start (not at the first train stage) on a bad ``hardware.accelerate``."""
+    """Fail at start (not at the first train stage) on bad training settings in ``hardware``."""
+    every = hardware.get("checkpoint_steps")
+    if every is not None and every < 0:
+        raise ConfigError(f"hardware.checkpoint_steps={every} must be >= 1 (or 0/null for no checkpoints)")
     name = hardware.get("accelerate")
     if name:
         accelerate_config(name)

@@ -8,6 +8,10 @@ tokenized without the template -- a different prompt from the one generation use
 ``train.lora`` (r, alpha, dropout, target_modules) trains a peft LoRA adapter instead of all
 weights; the artifact is then a PEFT adapter folder plus ``model_meta.json`` naming its base
 artifact, and models.load_model merges it on load.
+
+Training stages are resumable: with ``hardware.checkpoint_steps`` the trainer checkpoints into the
+stage's ``.partial/`` folder, and the same command run again after a kill continues from the last
+checkpoint (optimizer, scheduler, RNG and data position included) instead of from step 0.
 """
 
 from __future__ import annotations
@@ -19,6 +23,37 @@ from pathlib import Path
 from selfimprove.models import load_model, resolve_device, uses_chat_template
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
 from selfimprove.training.launch import accelerated, launched
+
+
+def checkpointing_args(every: int | None) -> dict:
+    """Checkpoint every ``every`` optimizer steps (model, optimizer, scheduler and RNG state, only
+    the newest kept) into the stage's ``.partial/trainer``; None or 0 = no checkpoints."""
+    if not every:
+        return {"save_strategy": "no"}
+    return {"save_strategy": "steps", "save_steps": every, "save_total_limit": 1, "save_only_model": False}
+
+
+def complete(checkpoint: Path) -> bool:
+    """transformers writes trainer_state.json last: a checkpoint without a readable one was cut short."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def last_checkpoint(out: Path) -> str | None:
+    """The newest complete ``trainer/checkpoint-N`` of a killed run, or None."""
+    found = sorted((out / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    found = [p for p in found if complete(p)]
+    return str(found[-1]) if found else None
+
+
+def train_resuming(trainer, out: Path) -> str | None:
+    """Train, continuing from the last checkpoint a killed run left in ``out`` (its name, or None)."""
+    resume = last_checkpoint(out)
+    trainer.train(resume_from_checkpoint=resume)
+    return Path(resume).name if resume else None
 
 
 def trainer_args(train: dict, hardware: dict, out: Path, seed: int) -> dict:
@@ -45,7 +80,7 @@ def trainer_args(train: dict, hardware: dict, out: Path, seed: int) -> dict:
         warmup_steps=int(train["warmup_ratio"] * train["steps"]),
         weight_decay=train["weight_decay"],
         logging_steps=max(1, train["steps"] // 10),
-        save_strategy="no",
+        **checkpointing_args(hardware.get("checkpoint_steps")),
         report_to="none",
         seed=seed,
         data_seed=seed,
@@ -134,7 +169,7 @@ def lora_config(lora: dict | None):
     )
 
 
-@stage(version=1)
+@stage(version=1, resumable=True)
 @accelerated
 def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict, seed: int) -> dict:
     """Stage: fine-tune ``model`` on ``data``'s prompt/completion records; writes model/ (full
@@ -159,7 +194,7 @@ def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict,
         model=lm, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
     quiet_trainer(trainer)
-    trainer.train()
+    resumed_from = train_resuming(trainer, out)
     saved = save_trained(trainer, tokenizer, out)
     if not trainer.is_world_process_zero():
         return {}
@@ -167,4 +202,4 @@ def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict,
     if peft_config is not None:  # the stage folder is renamed into place, so a relative path holds
         meta["adapter_base"] = os.path.relpath(model.path, out)
     write_json_atomic(out / "model_meta.json", meta)
-    return {"examples": len(records), "lora": peft_config is not None, **saved}
+    return {"examples": len(records), "lora": peft_config is not None, "resumed_from": resumed_from, **saved}
