@@ -5,18 +5,13 @@ starting over, and finishes with the configured number of steps."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from selfimprove.app import run
 from selfimprove.pipeline import DONE, read_jsonl
 from selfimprove.registry import ConfigError
-from tests.conftest import compose_cfg, selfimprove
+from tests.conftest import compose_cfg, kill_when, selfimprove
 
 pytestmark = pytest.mark.slow
 
@@ -55,29 +50,7 @@ def test_batch_must_hold_whole_groups(tmp_path):
 
 def test_rl_stage_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
     command = ["run", *SMALL, "out_root=outputs", "store=false", "hardware.num_threads=1"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "selfimprove.cli", *command],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            found = list(
-                (tmp_path / "outputs").glob("*/iter_01/train.partial/trainer/checkpoint-*/trainer_state.json")
-            )
-            if found:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                break
-            assert proc.poll() is None, "the run finished before the RL stage wrote a checkpoint"
-            time.sleep(0.05)
-        else:
-            raise AssertionError("the RL stage never wrote a checkpoint")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(command, tmp_path, "outputs/*/iter_01/train.partial/trainer/checkpoint-*/trainer_state.json")
     (root,) = [p for p in (tmp_path / "outputs").iterdir() if p.is_dir()]
     assert not (root / "iter_01" / "train" / DONE).exists()
 

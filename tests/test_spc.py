@@ -6,12 +6,7 @@ middle of round 2: the same command finishes it without recomputing any finished
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -21,7 +16,7 @@ from selfimprove.registry import ConfigError
 from selfimprove.selfplay import UNPARSEABLE, game_data, outcome, parse_verdict
 from selfimprove.tasks import load
 from selfimprove.tasks.arithmetic import WRONG_STEP_KINDS, first_error, rationale, steps, wrong_step
-from tests.conftest import compose_cfg, selfimprove
+from tests.conftest import compose_cfg, kill_when, selfimprove
 
 GOLD = "3+5+0=08|8;57+88:7+8+0=15|58;5+8:5+8+1=14|458;ans 1458"  # 573 + 885
 
@@ -237,26 +232,7 @@ def test_spc_killed_mid_round_resumes_without_recomputing(played, tmp_path):
         f"store_dir={root / 'store'}",
         "hardware.num_threads=1",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "selfimprove.cli", *command],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            if list((tmp_path / "outputs").glob("*/iter_02/game/" + DONE)):  # round 2 is under way
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                break
-            assert proc.poll() is None, "the run finished before round 2's game was done"
-            time.sleep(0.05)
-        else:
-            raise AssertionError("round 2's game never finished")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(command, tmp_path, "outputs/*/iter_02/game/" + DONE)  # round 2 is under way
     (run_dir,) = (tmp_path / "outputs").iterdir()
     done_before = {str(p.parent.relative_to(run_dir)) for p in run_dir.rglob(DONE)}
     assert {"iter_01/train", "iter_02/game"} <= done_before and "iter_02/critic_eval" not in done_before

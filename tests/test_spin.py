@@ -5,17 +5,12 @@ without recomputing the stages that were done."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from selfimprove.app import run
 from selfimprove.pipeline import DONE, read_jsonl
-from tests.conftest import compose_cfg, selfimprove
+from tests.conftest import compose_cfg, kill_when, selfimprove
 
 pytestmark = pytest.mark.slow
 
@@ -88,26 +83,7 @@ def test_killed_mid_iteration_resumes_without_recomputing(tmp_path):
     kill_in = "iter_01/train"  # after the iteration's generate and pairs stages are done
     settings = ["method.iterations=1", "method.train.steps=30", "out_root=outputs", "store=false"]
     command = ["run", *SPIN, *settings, "hardware.num_threads=1"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "selfimprove.cli", *command],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            if list((tmp_path / "outputs").glob(f"*/{kill_in}.partial/trainer")):
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                break
-            assert proc.poll() is None, f"the run finished before {kill_in} started"
-            time.sleep(0.05)
-        else:
-            raise AssertionError(f"{kill_in} never started")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(command, tmp_path, f"outputs/*/{kill_in}.partial/trainer")
     (root,) = [p for p in (tmp_path / "outputs").iterdir() if p.is_dir()]
     assert not (root / kill_in / DONE).exists()
 

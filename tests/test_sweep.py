@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import struct
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from selfimprove.pipeline import DONE, read_jsonl
-from tests.conftest import selfimprove
+from tests.conftest import kill_when, selfimprove
 
 pytestmark = pytest.mark.slow
 
@@ -73,33 +69,15 @@ def wandb_runs(job: Path) -> list[tuple[str, str]]:
 def sweep(tmp_path_factory) -> dict:
     cwd = tmp_path_factory.mktemp("sweep")
     env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "selfimprove.cli", *SWEEP],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline:  # kill while job 2 computes its first unshared stage
-            found = list(cwd.glob("multirun/*/*/iter_01/train.partial"))
-            if (
-                found
-                and len(jobs(found[0].parents[2])) == 2
-                and (found[0].parents[1] / "events.jsonl").exists()
-            ):
-                if "shared" in (found[0].parents[1] / "events.jsonl").read_text():
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    break
-            assert proc.poll() is None, "the sweep finished before job 2 was seen training"
-            time.sleep(0.01)
-        else:
-            raise AssertionError("job 2 never started training")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    def job_2_training():  # job 2 computes its first stage that is not shared
+        found = list(cwd.glob("multirun/*/*/iter_01/train.partial"))
+        if found and len(jobs(found[0].parents[2])) == 2:
+            events = found[0].parents[1] / "events.jsonl"
+            return found if events.exists() and "shared" in events.read_text() else None
+        return None
+
+    found = kill_when(SWEEP, cwd, job_2_training, timeout=600, env=env)
     (root,) = (cwd / "multirun").iterdir()
     killed_job = found[0].parents[1]
     before = {job: markers(job) for job in jobs(root)}
