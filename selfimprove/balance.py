@@ -12,7 +12,7 @@ from pathlib import Path
 
 from selfimprove import tasks
 from selfimprove.generation import sample
-from selfimprove.metrics import balance_score, by_prompt
+from selfimprove.metrics import balance_score, by_prompt, fraction
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
 from selfimprove.registry import ConfigError
 from selfimprove.scoring import score_records
@@ -91,7 +91,7 @@ def balance_search(
                         "threshold_quantile": q,
                         "threshold": threshold,
                         "balance": round(balance_of(subset, threshold, search["n_star"], task.clean), 4),
-                        "sample_accuracy": round(sum(r["reward"] == 1.0 for r in subset) / len(subset), 4),
+                        "sample_accuracy": fraction([r["reward"] == 1.0 for r in subset]),
                     }
                 )
     best = max(rows, key=lambda r: r["balance"])  # ties: the first in grid order

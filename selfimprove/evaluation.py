@@ -7,7 +7,7 @@ from pathlib import Path
 
 from selfimprove import tasks
 from selfimprove.generation import sample
-from selfimprove.metrics import by_prompt, maj_at_k, pass_at_k
+from selfimprove.metrics import by_prompt, fraction, maj_at_k, pass_at_k
 from selfimprove.pipeline import Artifact, stage, write_json_atomic, write_jsonl
 from selfimprove.registry import ConfigError
 from selfimprove.scoring import score_records
@@ -31,14 +31,13 @@ def sampled_metrics(
 
         scored = [{**r, "certainty": c} for r, c in zip(scored, certainties(model, scored, hardware))]
     groups = list(by_prompt(scored).values())
-    mean = lambda xs: round(sum(xs) / max(1, len(xs)), 4)  # noqa: E731
     out = {}
     for k in eval["k"]:
-        out[f"pass@{k}/{level}"] = mean(
-            [pass_at_k(len(g), sum(r["reward"] == 1.0 for r in g), k) for g in groups]
+        out[f"pass@{k}/{level}"] = fraction(
+            [pass_at_k(len(g), sum(r["reward"] == 1.0 for r in g), k) for g in groups], 0.0
         )
-        out[f"maj@{k}/{level}"] = mean(
-            [maj_at_k([task.extract(r["completion"]) for r in g], g[0]["answer"], k) for g in groups]
+        out[f"maj@{k}/{level}"] = fraction(
+            [maj_at_k([task.extract(r["completion"]) for r in g], g[0]["answer"], k) for g in groups], 0.0
         )
     for selector in eval["selectors"]:
         if selector == "oracle":  # a perfect verifier picks a correct sample whenever there is one
@@ -48,7 +47,7 @@ def sampled_metrics(
                 max(g, key=lambda r: r["certainty"] if r["certainty"] is not None else float("-inf"))
                 for g in groups
             ]
-        out[f"bon_{selector}@{n}/{level}"] = mean([p["reward"] == 1.0 for p in picks])
+        out[f"bon_{selector}@{n}/{level}"] = fraction([p["reward"] == 1.0 for p in picks], 0.0)
     return out, scored
 
 
@@ -71,7 +70,7 @@ def evaluate(
         greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": budget, "stop": []}
         scored = score_records(task, sample(model, records, greedy, generator, hardware, seed))
         judged = [r["reward"] for r in scored if r["reward"] is not None]
-        metrics[f"acc/{level}"] = round(sum(judged) / max(1, len(judged)), 4)
+        metrics[f"acc/{level}"] = fraction(judged, 0.0)
         tokens += sum(r["meta"]["tokens"] for r in scored)
         all_scored += scored
         if eval and eval["sampled"]:

@@ -100,13 +100,12 @@ def exploration(records: list[dict], extract, clean) -> dict:
     distinct_answers = [len({extract(r["completion"]) for r in g} - {None}) for g in groups]
     p1 = [pass_at_k(len(g), sum(r["reward"] >= 1.0 for r in g), 1) for g in groups]
     pn = [float(any(r["reward"] >= 1.0 for r in g)) for g in groups]
-    mean = lambda xs: round(sum(xs) / len(xs), 4)  # noqa: E731
     return {
-        "explore/distinct_correct": mean(distinct_correct),
-        "explore/distinct_answers": mean(distinct_answers),
-        "explore/pass@1": mean(p1),
-        "explore/pass@n": mean(pn),
-        "explore/pass@n-pass@1": round(mean(pn) - mean(p1), 4),
+        "explore/distinct_correct": fraction(distinct_correct),
+        "explore/distinct_answers": fraction(distinct_answers),
+        "explore/pass@1": fraction(p1),
+        "explore/pass@n": fraction(pn),
+        "explore/pass@n-pass@1": round(fraction(pn) - fraction(p1), 4),
     }
 
 
@@ -119,13 +118,13 @@ def exploitation(records: list[dict], kept_rewards: list[float] | None = None) -
     out: dict = {}
     judged = [r for r in records if r["reward"] is not None]
     if kept_rewards:
-        out["exploit/kept_precision"] = round(sum(r >= 1.0 for r in kept_rewards) / len(kept_rewards), 4)
+        out["exploit/kept_precision"] = fraction([r >= 1.0 for r in kept_rewards])
     scored = [r for r in judged if r.get("certainty") is not None and not math.isnan(r["certainty"])]
     if scored:
         area = auroc([r["certainty"] for r in scored], [r["reward"] >= 1.0 for r in scored])
         out["exploit/auroc_certainty"] = round(area, 4) if area is not None else None
         best = [max(g, key=lambda r: r["certainty"]) for g in by_prompt(scored).values()]
-        out["exploit/bon_certainty"] = round(sum(r["reward"] >= 1.0 for r in best) / len(best), 4)
+        out["exploit/bon_certainty"] = fraction([r["reward"] >= 1.0 for r in best])
     return out
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from selfimprove import tasks
 from selfimprove.generation import sample
-from selfimprove.metrics import majority
+from selfimprove.metrics import fraction, majority
 from selfimprove.models import load_model
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
 from selfimprove.registry import ConfigError
@@ -74,12 +74,8 @@ def uncertainty(
     flagged = [r for r in records if r["uncertain"]]
     return {
         "tt/uncertain": len(flagged),
-        "tt/uncertain_greedy_acc": round(sum(r["reward"] == 1.0 for r in flagged) / max(1, len(flagged)), 4),
-        "tt/certain_greedy_acc": round(
-            sum(r["reward"] == 1.0 for r in records if not r["uncertain"])
-            / max(1, len(records) - len(flagged)),
-            4,
-        ),
+        "tt/uncertain_greedy_acc": fraction([r["reward"] == 1.0 for r in flagged], 0.0),
+        "tt/certain_greedy_acc": fraction([r["reward"] == 1.0 for r in records if not r["uncertain"]], 0.0),
     }
 
 
@@ -250,7 +246,7 @@ def adapt_and_answer(
     for r in final:
         levels[str(r["meta"]["level"])].append(r["reward"] == 1.0)
     before = {r["id"]: r["reward"] == 1.0 for r in records}
-    metrics = {f"acc/{level}": round(sum(v) / len(v), 4) for level, v in sorted(levels.items())}
+    metrics = {f"acc/{level}": fraction(v) for level, v in sorted(levels.items())}
     metrics.update(
         {
             "tt/adapted_items": adapted,

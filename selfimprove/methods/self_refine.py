@@ -22,6 +22,7 @@ from selfimprove import tasks
 from selfimprove.episodes import by_level, correct, episode_metrics, start, take_turn
 from selfimprove.generation import sample
 from selfimprove.methods.common import warm_start
+from selfimprove.metrics import fraction
 from selfimprove.pipeline import Artifact, Run, read_jsonl, stage, write_json_atomic, write_jsonl
 from selfimprove.registry import ConfigError
 
@@ -95,7 +96,7 @@ def round_metrics(out: Path, episodes: list[dict], tokens: dict, refined: int) -
     (``tokens/round``, of which ``tokens/critique``), how many were refined and are still open."""
     metrics: dict = {}
     for level, group in by_level(episodes).items():
-        metrics[f"acc/{level}"] = round(sum(correct(e["turns"][-1]) for e in group) / len(group), 4)
+        metrics[f"acc/{level}"] = fraction([correct(e["turns"][-1]) for e in group])
         metrics.update(episode_metrics(group, f"/{level}"))
     metrics |= tokens | {"refined": refined, "open": sum(e["stopped"] is None for e in episodes)}
     write_json_atomic(out / "metrics.json", metrics)

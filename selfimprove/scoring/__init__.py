@@ -6,6 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from selfimprove import tasks
+from selfimprove.metrics import fraction
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_jsonl
 
 
@@ -29,8 +30,8 @@ def coverage(records: list[dict]) -> dict:
     judged = [x for rs in by_prompt.values() for x in rs]
     return {
         "samples": len(records),
-        "sample_accuracy": round(sum(judged) / len(judged), 4) if judged else 0.0,
-        "prompts_solved": round(sum(max(rs) >= 1.0 for rs in by_prompt.values()) / max(1, len(by_prompt)), 4),
+        "sample_accuracy": fraction(judged, 0.0),
+        "prompts_solved": fraction([max(rs) >= 1.0 for rs in by_prompt.values()], 0.0),
     }
 
 

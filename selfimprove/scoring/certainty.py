@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfimprove.metrics import self_certainty
+from selfimprove.metrics import fraction, self_certainty
 from selfimprove.models import load_model
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_jsonl
 
@@ -41,4 +41,4 @@ def certainty(out: Path, model: Artifact, scored: Artifact, hardware: dict) -> d
     values = certainties(model, records, hardware)
     write_jsonl(out / "scored.jsonl", [{**r, "certainty": v} for r, v in zip(records, values)])
     known = [v for v in values if v is not None]
-    return {"certainty_mean": round(sum(known) / len(known), 4) if known else None}
+    return {"certainty_mean": fraction(known)}
