@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import TINY_RUN, selfimprove
 
 
@@ -28,16 +30,16 @@ def test_warm_start_trains_in_two_accelerate_processes_and_the_model_evaluates(t
     assert "0 stages computed" in again.stdout, again.stdout
 
 
-def test_unknown_accelerate_config_is_one_line_before_anything_is_written(tmp_path):
-    proc = selfimprove(
-        "run",
-        *TINY_RUN,
-        "hardware.accelerate=zero9",
-        f"run_dir={tmp_path / 'run'}",
-        cwd=tmp_path,
-        check=False,
-    )
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        ("hardware.accelerate=zero9", ["'zero9'", "deepspeed_zero3"]),
+        ("hardware.checkpoint_steps=-5", ["hardware.checkpoint_steps=-5", ">= 1"]),
+    ],
+)
+def test_bad_training_hardware_setting_is_one_line_before_anything_is_written(setting, expected, tmp_path):
+    proc = selfimprove("run", *TINY_RUN, setting, f"run_dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "'zero9'" in lines[0] and "deepspeed_zero3" in lines[0], proc.stderr
+    assert len(lines) == 1 and all(e in lines[0] for e in expected), proc.stderr
     assert not (tmp_path / "run").exists()
