@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from selfimprove import tasks
-from selfimprove.metrics import fraction as mean
+from selfimprove.metrics import fraction
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
 
 
@@ -61,8 +61,8 @@ def spin_pairs(out: Path, samples: Artifact, dataset: dict, previous: Artifact |
     metrics = {
         "pairs/new": len(new),
         "pairs/from_previous": len(mixed),
-        "pairs/own_equals_gold": mean([o == r["meta"]["gold"] for o, r in zip(own, records)]),
-        "pairs/rejected_correct": mean([p["meta"]["rejected_reward"] == 1.0 for p in new]),
+        "pairs/own_equals_gold": fraction([o == r["meta"]["gold"] for o, r in zip(own, records)]),
+        "pairs/rejected_correct": fraction([p["meta"]["rejected_reward"] == 1.0 for p in new]),
     }
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
@@ -114,9 +114,9 @@ def pair_metrics(pairs: list[dict], ties: int) -> dict:
     return {
         "pairs/count": len(pairs),
         "pairs/ties": ties,
-        "pairs/accuracy": mean([x["chosen_reward"] == 1.0 and x["rejected_reward"] == 0.0 for x in m]),
-        "pairs/chosen_correct": mean([x["chosen_reward"] == 1.0 for x in m]),
-        "pairs/rejected_correct": mean([x["rejected_reward"] == 1.0 for x in m]),
+        "pairs/accuracy": fraction([x["chosen_reward"] == 1.0 and x["rejected_reward"] == 0.0 for x in m]),
+        "pairs/chosen_correct": fraction([x["chosen_reward"] == 1.0 for x in m]),
+        "pairs/rejected_correct": fraction([x["rejected_reward"] == 1.0 for x in m]),
     }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from selfimprove import tasks
 from selfimprove.generation import sample
-from selfimprove.metrics import fraction as mean
+from selfimprove.metrics import fraction as mean  # eft_examples has a stage input named fraction
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
 from selfimprove.registry import ConfigError, unknown_choice
 
