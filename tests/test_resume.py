@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from selfimprove.pipeline import DONE, read_jsonl
-from tests.conftest import TINY_RUN, kill_when, selfimprove
+from selfimprove.pipeline import DONE, Artifact, read_jsonl
+from tests.conftest import TINY_RUN, compose_cfg, kill_when, selfimprove
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +75,32 @@ def test_training_killed_after_a_checkpoint_continues_from_it_to_the_same_result
     # optimizer, scheduler, RNG and data order were restored: the same weights, so the same numbers
     assert_same_weights(root / "warmstart" / "train" / "model", reference / "warmstart" / "train" / "model")
     assert metrics_without_times(root) == metrics_without_times(reference)
+
+
+def test_checkpoints_every_n_steps_but_not_at_the_last(tmp_path):
+    """The final weights are saved by save_trained right after training, so a checkpoint of the last
+    step (weights and optimizer state) would be written for nothing."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from selfimprove.models import build_tiny, load_model
+    from selfimprove.training.sft import sft_rows, train_resuming, trainer_args
+
+    cfg = compose_cfg(TINY_RUN)
+    build_tiny(dict(cfg.model), tmp_path / "init", seed=0)
+    hardware = {**dict(cfg.hardware), "checkpoint_steps": 10}
+    train = {**dict(cfg.method.warmstart), "steps": 30, "batch_size": 8}
+    lm, tokenizer = load_model(Artifact("init", tmp_path / "init", "-"), hardware, for_training=True)
+    records = [{"prompt": f"{i}+{i}=", "completion": str(2 * i)} for i in range(40)]
+    trainer = SFTTrainer(
+        model=lm,
+        args=SFTConfig(**trainer_args(train, hardware, tmp_path / "out", 0), max_length=32),
+        train_dataset=Dataset.from_list(sft_rows(records, chat=False)),
+        processing_class=tokenizer,
+    )
+    assert train_resuming(trainer, tmp_path / "out") is None  # nothing to resume from
+    assert trainer.state.global_step == 30
+    assert sorted(p.name for p in (tmp_path / "out" / "trainer").glob("checkpoint-*")) == ["checkpoint-20"]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

@@ -49,8 +49,19 @@ def last_checkpoint(out: Path) -> str | None:
     return str(found[-1]) if found else None
 
 
+class NoFinalCheckpoint:
+    """A TrainerCallback that skips the checkpoint of the last step: ``save_trained`` writes the
+    final weights right after, so a checkpoint there (weights and optimizer state) is wasted I/O."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+        return control
+
+
 def train_resuming(trainer, out: Path) -> str | None:
     """Train, continuing from the last checkpoint a killed run left in ``out`` (its name, or None)."""
+    trainer.add_callback(as_callback(NoFinalCheckpoint))
     resume = last_checkpoint(out)
     trainer.train(resume_from_checkpoint=resume)
     return Path(resume).name if resume else None
@@ -102,14 +113,21 @@ class ProgressLines:
             self.say(f"    step {state.global_step}/{state.max_steps}  loss {float(logs['loss']):.4f}")
 
 
+def as_callback(events: type):
+    """An instance of ``events`` as a transformers TrainerCallback (every event it does not define is
+    a no-op); transformers is imported here rather than at module import, which it slows down."""
+    from transformers import TrainerCallback
+
+    return type(f"{events.__name__}Callback", (events, TrainerCallback), {})()
+
+
 def quiet_trainer(trainer) -> None:
     """Swap the trainer's dict-printing callbacks for ProgressLines."""
-    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(type("ProgressLinesCallback", (ProgressLines, TrainerCallback), {})())
+    trainer.add_callback(as_callback(ProgressLines))
 
 
 def save_trained(trainer, tokenizer, out: Path) -> dict:
