@@ -67,6 +67,7 @@ class TinyModel:
     intermediate_size: int = MISSING
     max_position_embeddings: int = MISSING
     rope_theta: float = MISSING
+    bos: bool = MISSING
 
 
 @dataclass

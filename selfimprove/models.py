@@ -28,9 +28,10 @@ SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 CHARACTERS = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
 
 
-def char_tokenizer():
-    """A character-level tokenizer that round-trips through save/from_pretrained and loads in vLLM."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+def char_tokenizer(bos: bool = False):
+    """A character-level tokenizer that round-trips through save/from_pretrained and loads in vLLM;
+    with ``bos`` it starts every text with ``<s>`` (when special tokens are added)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
@@ -39,6 +40,11 @@ def char_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
+    if bos:
+        start = SPECIAL_TOKENS["bos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{start} $A", pair=f"{start} $A {start} $B", special_tokens=[(start, vocab[start])]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=SPECIAL_TOKENS["bos"],
@@ -65,7 +71,7 @@ def build_tiny(model_cfg: dict, out: Path, seed: int) -> dict:
             f"model.hidden_size={hidden} / model.num_heads={heads} gives head_dim {hidden / heads:g}; "
             "use 32, 64 or 128 (vLLM rejects other sizes)"
         )
-    tokenizer = char_tokenizer()
+    tokenizer = char_tokenizer(bos=model_cfg["bos"])
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -133,9 +139,11 @@ def model_meta(artifact: Artifact | Path) -> dict:
     return {}
 
 
-def uses_chat_template(artifact: Artifact | Path, tokenizer) -> bool:
-    """Whether prompts to this model go through its chat template (model.chat_template)."""
-    setting = model_meta(artifact).get("chat_template", False)
+def uses_chat_template(artifact: Artifact | Path | dict, tokenizer) -> bool:
+    """Whether prompts to this model go through its chat template (model.chat_template); takes the
+    model artifact or what :func:`model_meta` read from it."""
+    meta = artifact if isinstance(artifact, dict) else model_meta(artifact)
+    setting = meta.get("chat_template", False)
     if setting is True and not tokenizer.chat_template:
         raise ConfigError(
             "model.chat_template=true but the tokenizer has no chat template; use false or auto"
@@ -148,6 +156,15 @@ def chat_prompt(tokenizer, prompt: str) -> str:
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
     )
+
+
+def prompt_texts(meta: dict, tokenizer, prompts: list[str]) -> tuple[list[str], bool]:
+    """The texts a model is prompted with, and whether tokenizing them adds special tokens: TRL
+    trains on raw text with the tokenizer's own special tokens (a BOS for Llama's), while a chat
+    template writes its BOS itself, so generation must tokenize the same way or it prompts the
+    model with something it was never trained on."""
+    chat = uses_chat_template(meta, tokenizer)
+    return ([chat_prompt(tokenizer, p) for p in prompts] if chat else list(prompts)), not chat
 
 
 def torch_dtype(name: str):

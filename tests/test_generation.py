@@ -44,8 +44,10 @@ def test_generator_vllm_without_vllm_is_one_line_before_anything_runs(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_hf_logprobs_are_the_models_own(tmp_path):
-    cfg = compose_cfg([])
+@pytest.mark.parametrize("bos", [False, True])
+def test_hf_logprobs_are_the_models_own(tmp_path, bos):
+    """...in the context TRL trains on: the prompt tokenized with the tokenizer's own BOS, if any."""
+    cfg = compose_cfg([f"model.bos={str(bos).lower()}"])
     build_tiny(plain(cfg.model), tmp_path, seed=0)
     hardware = plain(cfg.hardware)
     records = [{"id": 0, "prompt": "12+34="}, {"id": 1, "prompt": "7+5="}]
@@ -55,7 +57,8 @@ def test_hf_logprobs_are_the_models_own(tmp_path):
     checked = 0
     for rec in out:
         assert rec["meta"]["tokens"] == len(rec["meta"]["logprobs"]) == len(rec["meta"]["top_logprobs"])
-        prompt = tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(rec["prompt"])["input_ids"]
+        assert (prompt[0] == tokenizer.bos_token_id) == bos
         completion = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"]
         if len(completion) != rec["meta"]["tokens"]:
             continue  # a sampled special token (<unk>, <s>) is dropped from the text

@@ -28,6 +28,20 @@ def test_character_tokenizer_round_trips_through_save_and_load(tmp_path):
     assert loaded.padding_side == "left" and loaded.eos_token == "</s>"
 
 
+def test_bos_tokenizer_starts_every_text_with_bos_after_save_and_load(tmp_path):
+    build_tiny(tiny_model_cfg(bos=True), tmp_path, seed=0)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model", padding_side="left")
+    assert (
+        tok("12+3=")["input_ids"] == [tok.bos_token_id] + tok("12+3=", add_special_tokens=False)["input_ids"]
+    )
+    batch = tok(["1", "12+3="], padding=True)["input_ids"]
+    assert batch[0][-2:] == [tok.bos_token_id, tok.convert_tokens_to_ids("1")], "BOS after the left padding"
+    assert tok.decode(batch[1], skip_special_tokens=True) == "12+3="
+    assert (
+        char_tokenizer()("12")["input_ids"] == char_tokenizer()("12", add_special_tokens=False)["input_ids"]
+    )
+
+
 def test_tiny_model_is_deterministic_and_loads_with_from_pretrained(tmp_path):
     counts = build_tiny(tiny_model_cfg(), tmp_path / "a", seed=3)
     build_tiny(tiny_model_cfg(), tmp_path / "b", seed=3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from selfimprove.generation import hf
-from selfimprove.models import build_tiny
+from selfimprove.models import build_tiny, char_tokenizer
 from selfimprove.pipeline import read_jsonl
 from tests.conftest import TINY_RUN, compose_cfg, selfimprove
 
@@ -54,6 +55,13 @@ def setup(tmp_path_factory):
             if p.dim() == 2:
                 p.normal_(0.0, 0.15)
     model.save_pretrained(base / "model")
+    # the same weights as a chat model whose tokenizer adds a BOS (as Llama's does)
+    chat = tmp_path_factory.mktemp("chat")
+    shutil.copytree(base / "model", chat / "model")
+    tokenizer = char_tokenizer(bos=True)
+    tokenizer.chat_template = "{{ bos_token }}User: {{ messages[0]['content'] }}\nBot:"
+    tokenizer.save_pretrained(chat / "model")
+    (chat / "model_meta.json").write_text(json.dumps({"chat_template": True}))
 
     adapter = tmp_path_factory.mktemp("adapter")
     torch.manual_seed(1)
@@ -66,6 +74,7 @@ def setup(tmp_path_factory):
     return {
         "base": base,
         "adapter": adapter,
+        "chat": chat,
         "records": records,
         "hardware": plain(cfg.hardware),
         "generator": plain(cfg.generator),
@@ -152,6 +161,19 @@ def test_lora_adapter_is_served(setup, greedy):
     assert [r["completion"] for r in served] == [r["completion"] for r in reference]
     assert [r["completion"] for r in served] != [r["completion"] for r in greedy["free"]], (
         "the adapter changes the output"
+    )
+
+
+def test_chat_model_is_prompted_through_its_template_as_in_hf(setup, greedy):
+    """Both backends wrap the prompt in the chat template and tokenize it without a second BOS."""
+    sampling = {"n": 1, "temperature": 0.0, "max_tokens": 24, "logprobs": 1}
+    served = generate("vllm", setup, sampling, model="chat")
+    reference = generate("hf", setup, sampling, model="chat")
+    assert [r["completion"] for r in served] == [r["completion"] for r in reference]
+    for a, b in zip(reference, served):
+        assert b["meta"]["logprobs"] == pytest.approx(a["meta"]["logprobs"], abs=1e-3)
+    assert [r["completion"] for r in served] != [r["completion"] for r in greedy["free"]], (
+        "the template changes the output"
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from selfimprove.generation import cut_at_stop, output_records
-from selfimprove.models import chat_prompt, load_model, uses_chat_template
+from selfimprove.models import load_model, model_meta, prompt_texts
 from selfimprove.pipeline import Artifact
 
 
@@ -14,8 +14,7 @@ def generate(
 
     lm, tokenizer = load_model(model, hardware)
     # instruct models: the prompt record is the user turn, wrapped by the tokenizer's chat template
-    chat = uses_chat_template(model, tokenizer)
-    texts = [chat_prompt(tokenizer, r["prompt"]) if chat else r["prompt"] for r in records]
+    texts, special_tokens = prompt_texts(model_meta(model), tokenizer, [r["prompt"] for r in records])
     n, greedy = sampling["n"], sampling["temperature"] == 0
     per_batch = max(1, generator["batch_size"] // n)  # batch_size counts sequences, not prompts
     # Sorting by prompt length keeps padding small; results are put back in record order.
@@ -48,7 +47,7 @@ def generate(
                 [texts[i] for i in idx],
                 return_tensors="pt",
                 padding=True,
-                add_special_tokens=False,
+                add_special_tokens=special_tokens,
             )
             batch = batch.to(lm.device)
             out = lm.generate(**batch, **kwargs)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from selfimprove.generation import output_records
-from selfimprove.models import model_location, resolve_device
+from selfimprove.models import model_location, model_meta, prompt_texts, resolve_device
 from selfimprove.pipeline import Artifact
 
 
@@ -91,6 +91,7 @@ def engine_job(model: Artifact | Path, prompts: list[str], sampling: dict, hardw
     return {
         "engine": {k: v for k, v in engine.items() if v is not None},
         "prompts": prompts,
+        "meta": model_meta(model),  # chat template or not: the child decides with its tokenizer
         "sampling": dict(sampling),
         "seed": seed,
         "lora": lora,
@@ -144,12 +145,13 @@ def run_engine(job: dict) -> dict:
             for i in range(len(job["prompts"]))
         ]
         lora = LoRARequest("adapter", 1, job["lora"]) if job["lora"] else None
+        texts, special_tokens = prompt_texts(job["meta"], tokenizer, job["prompts"])  # as the hf backend
         outputs = llm.generate(
-            job["prompts"],
+            texts,
             params,
             lora_request=lora,
             use_tqdm=False,
-            tokenization_kwargs={"add_special_tokens": False},  # as the hf backend tokenizes
+            tokenization_kwargs={"add_special_tokens": special_tokens},
         )
         completions = [[completion(c, s.get("logprobs")) for c in out.outputs] for out in outputs]
         generated = time.perf_counter()

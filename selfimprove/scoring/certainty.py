@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfimprove.metrics import fraction, self_certainty
-from selfimprove.models import load_model
+from selfimprove.models import load_model, model_meta, prompt_texts
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_jsonl
 
 
@@ -15,11 +15,16 @@ def certainties(model: Artifact | Path, records: list[dict], hardware: dict, bat
     import torch
 
     lm, tokenizer = load_model(model, hardware)
+    # the context the completions were generated in (chat template, BOS) as the generators build it
+    texts, special_tokens = prompt_texts(model_meta(model), tokenizer, [r["prompt"] for r in records])
     out: list[float | None] = []
     with torch.inference_mode():
         for start in range(0, len(records), batch_size):
             batch = records[start : start + batch_size]
-            prompts = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in batch]
+            prompts = [
+                tokenizer(t, add_special_tokens=special_tokens)["input_ids"]
+                for t in texts[start : start + batch_size]
+            ]
             comps = [tokenizer(r["completion"], add_special_tokens=False)["input_ids"] for r in batch]
             width = max(len(p) + len(c) for p, c in zip(prompts, comps))
             ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
