@@ -15,7 +15,7 @@ from pathlib import Path
 from selfimprove import tasks
 from selfimprove.generation import sample
 from selfimprove.metrics import fraction, majority
-from selfimprove.models import load_model
+from selfimprove.models import load_model, model_meta, prompt_texts
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
 from selfimprove.registry import ConfigError
 from selfimprove.scoring import score_records
@@ -146,8 +146,20 @@ def lora_model(model: Artifact, adapt: dict, hardware: dict):
     return peft_lm, tokenizer, initial
 
 
-def fine_tune(peft_lm, tokenizer, initial: dict, examples: list[dict], adapt: dict) -> None:
-    """Reset the adapter, then ``adapt.steps`` full-batch AdamW steps on completion-only loss."""
+def completion_rows(tokenizer, meta: dict, examples: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per example: the prompt as generation writes it (chat template or not,
+    ``meta``: the model's :func:`model_meta`), then the completion and EOS, the only tokens with loss."""
+    rows = []
+    texts, special_tokens = prompt_texts(meta, tokenizer, [r["prompt"] for r in examples])
+    for text, r in zip(texts, examples):
+        p = tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
+        c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((p + c, [-100] * len(p) + c))
+    return rows
+
+
+def fine_tune(peft_lm, tokenizer, meta: dict, initial: dict, examples: list[dict], adapt: dict) -> None:
+    """Reset the adapter, then ``adapt.steps`` full-batch AdamW steps on :func:`completion_rows`."""
     import torch
 
     with torch.no_grad():
@@ -156,11 +168,7 @@ def fine_tune(peft_lm, tokenizer, initial: dict, examples: list[dict], adapt: di
             params[name].copy_(value)
     trainable = [p for p in peft_lm.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=adapt["lr"], weight_decay=0.0)
-    rows = []
-    for r in examples:
-        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-        c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append((p + c, [-100] * len(p) + c))
+    rows = completion_rows(tokenizer, meta, examples)
     width = max(len(ids) for ids, _ in rows)
     ids = torch.tensor(
         [x + [tokenizer.pad_token_id] * (width - len(x)) for x, _ in rows], device=peft_lm.device
@@ -176,12 +184,12 @@ def fine_tune(peft_lm, tokenizer, initial: dict, examples: list[dict], adapt: di
     peft_lm.eval()
 
 
-def answer(peft_lm, tokenizer, records: list[dict], max_tokens: int) -> list[str]:
+def answer(peft_lm, tokenizer, meta: dict, records: list[dict], max_tokens: int) -> list[str]:
+    """Greedy answers, prompted as the generation backends prompt (chat template or not)."""
     import torch
 
-    batch = tokenizer(
-        [r["prompt"] for r in records], return_tensors="pt", padding=True, add_special_tokens=False
-    )
+    texts, special_tokens = prompt_texts(meta, tokenizer, [r["prompt"] for r in records])
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special_tokens)
     batch = batch.to(peft_lm.device)
     with torch.inference_mode():
         seqs = peft_lm.generate(
@@ -219,6 +227,7 @@ def adapt_and_answer(
     torch.manual_seed(seed)
     random.seed(seed)
     peft_lm, tokenizer, initial = lora_model(model, adapt, hardware)
+    meta = model_meta(model)
     size = adapt["items_per_adapter"]
     if size < 1:
         raise ConfigError(f"method.adapt.items_per_adapter={size} must be >= 1")
@@ -228,10 +237,10 @@ def adapt_and_answer(
         train = [x for r in group for x in examples[r["id"]]]
         if not train:  # nothing survived synthesis: keep the greedy answers
             continue
-        fine_tune(peft_lm, tokenizer, initial, train, adapt)
+        fine_tune(peft_lm, tokenizer, meta, initial, train, adapt)
         used += len(train)
         adapted += len(group)
-        completions = answer(peft_lm, tokenizer, group, max(task.max_new_tokens(r) for r in group))
+        completions = answer(peft_lm, tokenizer, meta, group, max(task.max_new_tokens(r) for r in group))
         new_answers.update({r["id"]: c for r, c in zip(group, completions)})
     final = [
         {

@@ -7,9 +7,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from selfimprove.generation import sample
-from selfimprove.models import build_tiny, chat_prompt, init_model, load_model
+from selfimprove.models import build_tiny, chat_prompt, init_model, load_model, model_meta
 from selfimprove.pipeline import Run, write_jsonl
 from selfimprove.registry import ConfigError
+from selfimprove.testtime import answer, completion_rows, lora_model
 from selfimprove.training.sft import sft, sft_rows
 from tests.conftest import compose_cfg
 
@@ -91,6 +92,14 @@ def test_chat_sft_then_lora_adapter_generate_and_continue(chat_run):
     for artifact in (full, adapted, again):
         outs = sample(artifact, RECORDS[:4], GREEDY, GEN, HARDWARE, seed=0)
         assert [o["completion"] for o in outs] == ["yes"] * 4, artifact.name
+    # TT-SI's own LoRA loop trains on the text SFT trained on and answers through the template too
+    # (a fresh adapter changes nothing)
+    adapt = {"rank": 4, "alpha": 8, "target_modules": "all-linear", "lr": 1e-2, "steps": 0}
+    peft_lm, tok, _ = lora_model(full, adapt, HARDWARE)
+    ((ids, labels),) = completion_rows(tok, model_meta(full), [{"prompt": "2+2", "completion": "yes"}])
+    assert tok.decode(ids).replace("<s>", "") == "<|user|>2+2</s><|assistant|>yes</s>"  # as SFT's row
+    assert tok.decode([t for t in labels if t != -100]) == "yes</s>"
+    assert answer(peft_lm, tok, model_meta(full), RECORDS[:4], 6) == ["yes"] * 4
     # a LoRA stage saves a PEFT adapter folder (not full weights) that names its base artifact
     assert (adapted.path / "model" / "adapter_config.json").exists()
     assert not (adapted.path / "model" / "model.safetensors").exists()

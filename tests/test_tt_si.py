@@ -41,10 +41,10 @@ def test_lora_adapter_trains_then_resets(tmp_path):
     with torch.no_grad():
         before = lm(input_ids=ids).logits
     examples = [{"prompt": "12+30:", "completion": "2+0+0=02|2;ans 42"}]
-    fine_tune(lm, tok, initial, examples, adapt)
+    fine_tune(lm, tok, {}, initial, examples, adapt)
     with torch.no_grad():
         trained = lm(input_ids=ids).logits
-    fine_tune(lm, tok, initial, examples, {**adapt, "steps": 0})  # reset only
+    fine_tune(lm, tok, {}, initial, examples, {**adapt, "steps": 0})  # reset only
     with torch.no_grad():
         reset = lm(input_ids=ids).logits
     assert not torch.allclose(before, trained, atol=1e-4), "the adapter changed the model"
