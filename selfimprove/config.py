@@ -229,11 +229,20 @@ class Star:
 
 
 @dataclass
+class Curriculum:
+    digits: int = MISSING
+    steps: int = MISSING
+
+
+@dataclass
 class LengthGen:
     name: str = MISSING
     rounds: int = MISSING
     labelling: Sampling = MISSING
     vote: bool = MISSING
+    # a Curriculum or None; typed Any like Train.lora (OmegaConf cannot merge a dict into a None
+    # structured node), checked by methods/length_gen.py against Curriculum's fields
+    curriculum: Any = None
     warmstart: Train = MISSING
     train: Train = MISSING
 

@@ -1,6 +1,7 @@
 """Length generalisation by self-improvement (Lee et al., ICML 2025), in miniature.
 
-M_0 <- train from scratch on gold problems of 1..N digits (reversed digits, no positional encoding)
+M_0 <- train from scratch on gold problems of 1..N digits (reversed digits, no positional encoding),
+       optionally short to long: first on 1..K digits only (method.curriculum)
 for r = 1..R:
     P_r <- unlabelled problems of N+r digits, each asked as a+b and as b+a
     L_r <- greedy labels from M_{r-1}; keep a label when its length is right and M_{r-1} gives the
@@ -15,14 +16,16 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from selfimprove import tasks
+from selfimprove.config import Curriculum
 from selfimprove.data import seed_data, task_prompts
 from selfimprove.evaluation import evaluate
 from selfimprove.generation import generate
 from selfimprove.models import init_model
 from selfimprove.pipeline import Artifact, Run, read_jsonl, stage, write_jsonl
+from selfimprove.registry import ConfigError
 from selfimprove.training import sft
 
 
@@ -30,7 +33,21 @@ def length_gen(cfg: DictConfig, run: Run) -> None:
     m, hw, gen = cfg.method, cfg.hardware, cfg.generator
     dataset = tasks.spec(cfg.dataset)
 
+    curriculum = short_to_long(m.curriculum)
     base = run.stage("init", init_model, model=cfg.model, seed=cfg.seed)
+    if curriculum:  # the digit alignment is learnt on short numbers first (see method.curriculum)
+        short = {**dataset, "seed_levels": [n for n in dataset["seed_levels"] if n <= curriculum.digits]}
+        base = run.stage(
+            "warmstart/short",
+            sft,
+            model=base,
+            data=run.stage(
+                "warmstart/short_data", seed_data, dataset=short, hint_fraction=0.0, seed=cfg.seed
+            ),
+            train={**m.warmstart, "steps": curriculum.steps},
+            hardware=hw,
+            seed=cfg.seed,
+        )
     seeds = run.stage("warmstart/data", seed_data, dataset=dataset, hint_fraction=0.0, seed=cfg.seed)
     model = run.stage(
         "warmstart/train", sft, model=base, data=seeds, train=m.warmstart, hardware=hw, seed=cfg.seed
@@ -67,6 +84,22 @@ def length_gen(cfg: DictConfig, run: Run) -> None:
             it.stage("eval", evaluate, model=model, dataset=dataset, generator=gen, hardware=hw, seed=seed),
             data,
         )
+
+
+def short_to_long(node) -> DictConfig | None:
+    """``method.curriculum`` checked against :class:`Curriculum` (null: no curriculum)."""
+    if node is None:
+        return None
+    try:
+        curriculum = OmegaConf.merge(OmegaConf.structured(Curriculum), node)
+    except (ValueError, KeyError) as err:  # omegaconf's errors derive from these
+        reason = str(err).splitlines()[0]
+        raise ConfigError(
+            f"method.curriculum={node!r} is not allowed ({reason}); use {{digits: N, steps: N}} or null"
+        ) from None
+    if curriculum.digits < 1 or curriculum.steps < 1:
+        raise ConfigError(f"method.curriculum={node!r}: digits and steps must be at least 1")
+    return curriculum
 
 
 @stage(version=1)
