@@ -19,6 +19,10 @@ from selfimprove.config import register_configs
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `pytest -n auto` runs one worker per core: one torch thread each (and in the runs they start),
+    # so workers do not fight over cores. The tiny models gain little from a second thread.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # A STaR run small enough for a test (~20 s): few steps, few prompts, two iterations.
 TINY_RUN = [
@@ -32,6 +36,12 @@ TINY_RUN = [
     "method.sampling.n=2",
     "model.intermediate_size=128",
 ]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules marked ``longest`` first: ``pytest -n auto --dist loadfile`` hands modules to workers in
+    collection order, and the STaR module (~5 min) collected last kept one core idle for minutes."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:
@@ -50,6 +60,15 @@ def selfimprove(*args: str, cwd: Path, check: bool = True, **kwargs) -> subproce
             f"selfimprove {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+def complete_checkpoint(cwd: Path, stage_glob: str) -> Callable[[], list[Path]]:
+    """A ``kill_when`` test for a training stage: a checkpoint whose trainer_state.json (written last,
+    not atomically) is whole. Matching the file name alone races its write: a kill at that instant
+    leaves a checkpoint the stage rightly ignores, and the rerun starts over."""
+    from selfimprove.training.sft import complete
+
+    return lambda: [p for p in cwd.glob(f"{stage_glob}/trainer/checkpoint-*") if complete(p)]
 
 
 def kill_when(

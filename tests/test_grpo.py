@@ -11,7 +11,7 @@ import pytest
 from selfimprove.app import run
 from selfimprove.pipeline import DONE, read_jsonl
 from selfimprove.registry import ConfigError
-from tests.conftest import compose_cfg, kill_when, selfimprove
+from tests.conftest import complete_checkpoint, compose_cfg, kill_when, selfimprove
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def test_batch_must_hold_whole_groups(tmp_path):
 
 def test_rl_stage_killed_mid_training_resumes_from_its_checkpoint(tmp_path):
     command = ["run", *SMALL, "out_root=outputs", "store=false", "hardware.num_threads=1"]
-    kill_when(command, tmp_path, "outputs/*/iter_01/train.partial/trainer/checkpoint-*/trainer_state.json")
+    kill_when(command, tmp_path, complete_checkpoint(tmp_path, "outputs/*/iter_01/train.partial"))
     (root,) = [p for p in (tmp_path / "outputs").iterdir() if p.is_dir()]
     assert not (root / "iter_01" / "train" / DONE).exists()
 

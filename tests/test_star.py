@@ -10,7 +10,7 @@ from selfimprove.app import run
 from selfimprove.pipeline import read_jsonl
 from tests.conftest import compose_cfg
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.longest]
 
 # The default recipe cut to two iterations, one held-out level and half-size batches (half the
 # compute: measured 312 s at one thread under load, acc/3 0.08 -> 0.16 -> 0.31). A shorter warm
