@@ -103,6 +103,7 @@ class ReversedAdditionData:
     test_seed: int = MISSING
     seed_levels: list[int] = MISSING
     seed_per_level: int = MISSING
+    seed_lengths: str = MISSING
     train_per_iteration: int = MISSING
     test_levels: list[int] = MISSING
     test_per_level: int = MISSING

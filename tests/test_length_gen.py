@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from selfimprove import tasks
 from selfimprove.methods.length_gen import self_labels
-from selfimprove.pipeline import Artifact, read_jsonl, write_jsonl
-from tests.conftest import selfimprove
+from selfimprove.pipeline import Artifact, plain, read_jsonl, write_jsonl
+from tests.conftest import compose_cfg, selfimprove
 
 
 def test_one_round_labels_longer_problems_and_keeps_only_labels_that_pass_the_vote(tmp_path):
@@ -115,4 +116,41 @@ def test_bad_curriculum_is_one_line_before_anything_is_written(curriculum, expec
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: method.curriculum=") and expected in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_mixed_seed_lengths_pair_a_longest_operand_with_any_shorter_one_in_either_order():
+    cfg = plain(compose_cfg(["dataset=reversed_addition", "dataset.seed_lengths=mixed"]).dataset)
+    cfg.update(seed_levels=[1, 2, 3, 4], seed_per_level=400, test_levels=[4])
+    task = tasks.load(cfg)
+    data = task.seed_data()
+    held_out = {r["prompt"] for r in task.test_sets()["4"]}
+    lengths = {}
+    for r in data:
+        a, b = r["meta"]["a"], r["meta"]["b"]
+        assert r["prompt"] == f"{str(a)[::-1]}+{str(b)[::-1]}=" and r["completion"] == str(a + b)[::-1]
+        assert r["meta"]["level"] == max(len(str(a)), len(str(b))) and r["prompt"] not in held_out
+        lengths.setdefault(r["meta"]["level"], set()).add((len(str(a)), len(str(b))))
+    # level 4: every (4, k) and (k, 4) for k = 1..4 is drawn (400 problems, 7 combinations)
+    assert lengths[4] == {(4, k) for k in range(1, 5)} | {(k, 4) for k in range(1, 5)}
+    # unlabelled and held-out problems keep two operands of the same length
+    prompts = task.train_prompts(1)
+    assert {tuple(map(len, p["prompt"][:-1].split("+"))) for p in prompts} == {(5, 5)}
+    equal = tasks.load({**cfg, "seed_lengths": "equal"}).seed_data()
+    assert {len(str(r["meta"]["a"])) for r in equal if r["meta"]["level"] == 4} == {4}
+
+
+def test_bad_seed_lengths_is_one_line_before_anything_is_written(tmp_path):
+    proc = selfimprove(
+        "run",
+        "experiment=length_gen",
+        "dataset.seed_lengths=mix",
+        f"run_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines == [
+        "error: dataset.seed_lengths='mix' is not allowed; use one of equal, mixed"
+    ], proc.stderr
     assert not (tmp_path / "run").exists()

@@ -28,7 +28,9 @@ def spec(dataset: dict) -> dict:
     so that a changed prompt format or verifier changes their fingerprints."""
     from selfimprove.pipeline import plain
 
-    return {**plain(dataset), "task_version": TASKS.get(dataset["name"]).version}
+    task = TASKS.get(dataset["name"])
+    task.check(plain(dataset))
+    return {**plain(dataset), "task_version": task.version}
 
 
 def load(dataset: dict) -> Task:

@@ -25,6 +25,10 @@ class Task(ABC):
     def __init__(self, cfg: dict):
         self.cfg = dict(cfg)
 
+    @classmethod  # noqa: B027 (an optional hook: most tasks have nothing to check)
+    def check(cls, cfg: dict) -> None:
+        """Raise ConfigError for a bad dataset setting; cheap, called before a run writes anything."""
+
     @abstractmethod
     def seed_data(self) -> list[dict]:
         """Gold demonstrations (prompt + completion) for the warm start."""

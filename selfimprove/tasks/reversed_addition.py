@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import random
 
+from selfimprove.registry import ConfigError
 from selfimprove.tasks.base import Task
+
+#: dataset.seed_lengths: both operands of a level-n gold problem have n digits, or one has n and the
+#: other 1..n digits (either order), as the lengths are drawn independently in Lee et al.'s data
+SEED_LENGTHS = ("equal", "mixed")
 
 
 def rev(number: int) -> str:
@@ -23,6 +28,14 @@ def rev(number: int) -> str:
 
 class ReversedAddition(Task):
     version = 1
+
+    @classmethod
+    def check(cls, cfg: dict) -> None:
+        if cfg["seed_lengths"] not in SEED_LENGTHS:
+            raise ConfigError(
+                f"dataset.seed_lengths={cfg['seed_lengths']!r} is not allowed; use one of "
+                + ", ".join(SEED_LENGTHS)
+            )
 
     def _operand(self, rng: random.Random, digits: int) -> int:
         return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
@@ -39,13 +52,21 @@ class ReversedAddition(Task):
             rec["completion"] = rev(a + b)
         return rec
 
-    def _pairs(self, key: str, digits: int, count: int, held_out: bool = True) -> list[tuple[int, int]]:
-        """``count`` problems (held-out test problems excluded unless this draws the test set)."""
+    def _pairs(
+        self, key: str, digits: int, count: int, held_out: bool = True, mixed: bool = False
+    ) -> list[tuple[int, int]]:
+        """``count`` problems (held-out test problems excluded unless this draws the test set);
+        ``mixed``: the second operand has 1..``digits`` digits and the two are in random order."""
         rng = random.Random(key)
         test = self._test_pairs(digits) if held_out and digits > 1 else set()
         out = []
         while len(out) < count:
-            pair = (self._operand(rng, digits), self._operand(rng, digits))
+            pair = (
+                self._operand(rng, digits),
+                self._operand(rng, rng.randint(1, digits) if mixed else digits),
+            )
+            if mixed and rng.random() < 0.5:
+                pair = pair[::-1]
             if pair not in test:
                 out.append(pair)
         return out
@@ -58,7 +79,10 @@ class ReversedAddition(Task):
         out = []
         for digits in self.cfg["seed_levels"]:
             for a, b in self._pairs(
-                f"reversed-seed-{self.cfg['seed']}-{digits}", digits, self.cfg["seed_per_level"]
+                f"reversed-seed-{self.cfg['seed']}-{digits}",
+                digits,
+                self.cfg["seed_per_level"],
+                mixed=self.cfg["seed_lengths"] == "mixed",
             ):
                 out.append(self._record(a, b, "seed", len(out), gold=True))
         return out
