@@ -77,7 +77,15 @@ def length_gen(cfg: DictConfig, run: Run) -> None:
             hardware=hw,
             seed=seed,
         )
-        data = it.stage("filter", self_labels, labels=labels, replay=seeds, vote=m.vote, seed=seed)
+        data = it.stage(
+            "filter",
+            self_labels,
+            labels=labels,
+            replay=seeds,
+            vote=m.vote,
+            replay_min=m.replay_min,
+            seed=seed,
+        )
         model = it.stage("train", sft, model=model, data=data, train=m.train, hardware=hw, seed=seed)
         run.record(
             it.index,
@@ -102,11 +110,14 @@ def short_to_long(node) -> DictConfig | None:
     return curriculum
 
 
-@stage(version=1)
-def self_labels(out: Path, labels: Artifact, replay: Artifact, vote: bool, seed: int) -> dict:
+@stage(version=2)
+def self_labels(
+    out: Path, labels: Artifact, replay: Artifact, vote: bool, replay_min: int, seed: int
+) -> dict:
     """Stage: keep the model's own labels whose length is right (n or n+1 digits for n-digit
-    operands) and, with ``vote``, that agree between a+b and b+a; mix in as many gold problems.
-    The true answers are read only to report ``label_accuracy`` of what was kept."""
+    operands) and, with ``vote``, that agree between a+b and b+a; mix in as many gold problems, and
+    at least ``replay_min``: a round that keeps a handful of labels would otherwise train all its
+    steps on a handful of examples. The true answers are read only to report ``label_accuracy``."""
     pairs: dict[int, dict[bool, dict]] = defaultdict(dict)
     for r in read_jsonl(labels.file("samples.jsonl")):
         pairs[r["meta"]["pair"]][r["meta"]["swapped"]] = r
@@ -122,7 +133,7 @@ def self_labels(out: Path, labels: Artifact, replay: Artifact, vote: bool, seed:
         kept_pairs += 1
     gold = read_jsonl(replay.file("train.jsonl"))
     rng = random.Random(seed)
-    replayed = rng.sample(gold, min(len(gold), len(kept))) if kept else gold
+    replayed = rng.sample(gold, min(len(gold), max(len(kept), replay_min)))
     data = kept + replayed
     rng.shuffle(data)
     write_jsonl(out / "train.jsonl", data)
