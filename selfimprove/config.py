@@ -306,6 +306,9 @@ class ReportColumn:
     iteration: Any = MISSING  # an integer, first or last
     title: str | None = None
     minus: Any = None
+    # this column's number format; null = the report's scale / decimals
+    scale: float | None = None
+    decimals: int | None = None
 
 
 @dataclass

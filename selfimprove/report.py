@@ -39,6 +39,10 @@ class Column:
     # the configured iterations (first | last | an integer): first/last are each run's own, so that
     # runs of different lengths in one table (e.g. an evaluated-only baseline) each show their last
     spec: tuple = (None, None)
+    # the table's number format: values times ``scale`` with ``decimals`` places (report.scale and
+    # report.decimals unless the column sets its own, e.g. scale 1 for a count next to percentages)
+    scale: float = 1
+    decimals: int = 3
 
 
 def find_runs(path: Path) -> list[RunResult]:
@@ -115,7 +119,13 @@ def columns_of(layout: dict, runs: list[RunResult], metrics: list[str] | None, i
         title = spec.get("title") or (
             f"{spec['metric']} @{it}" if minus is None else f"Δ {spec['metric']} @{minus}→{it}"
         )
-        cols.append(Column(spec["metric"], it, title, minus, (spec["iteration"], spec.get("minus"))))
+        scale, decimals = (
+            spec.get("scale", layout.get("scale", 1)),
+            spec.get("decimals", layout.get("decimals", 3)),
+        )
+        cols.append(
+            Column(spec["metric"], it, title, minus, (spec["iteration"], spec.get("minus")), scale, decimals)
+        )
     return cols
 
 
@@ -174,21 +184,21 @@ def latex_escape(text: str) -> str:
     return text
 
 
-def render(titles: list[str], table: list[dict], fmt_name: str, layout: dict, caption: str) -> str:
-    scale, decimals = layout.get("scale", 1), layout.get("decimals", 3)
+def render(cols: list[Column], table: list[dict], fmt_name: str, caption: str) -> str:
+    titles = [c.title for c in cols]
     if fmt_name == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["setting", "n"] + [f"{t} {s}" for t in titles for s in ("mean", "std")])
         for row in table:
-            cells = [f"{v * scale:.6g}" for t in titles for v in row["cells"][t]]
+            cells = [f"{v * c.scale:.6g}" for c in cols for v in row["cells"][c.title]]
             writer.writerow([row["setting"], row["n"], *cells])
         return buf.getvalue()
     if fmt_name == "md":
         lines = [f"**{caption}**", ""] if caption else []
         lines += ["| setting | seeds | " + " | ".join(titles) + " |", "|---|---:|" + "---:|" * len(titles)]
         for row in table:
-            cells = [fmt(*row["cells"][t], row["n"], scale, decimals, " ± ") for t in titles]
+            cells = [fmt(*row["cells"][c.title], row["n"], c.scale, c.decimals, " ± ") for c in cols]
             lines.append(f"| {row['setting']} | {row['n']} | " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
     lines = [
@@ -200,7 +210,9 @@ def render(titles: list[str], table: list[dict], fmt_name: str, layout: dict, ca
         r"\midrule",
     ]
     for row in table:
-        cells = ["$" + fmt(*row["cells"][t], row["n"], scale, decimals, r" \pm ") + "$" for t in titles]
+        cells = [
+            "$" + fmt(*row["cells"][c.title], row["n"], c.scale, c.decimals, r" \pm ") + "$" for c in cols
+        ]
         lines.append(f"{latex_escape(row['setting'])} & {row['n']} & " + " & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     lines += [rf"\caption{{{latex_escape(caption)}}}"] if caption else []
@@ -258,10 +270,10 @@ def report(
     runs = find_runs(path)
     layout = runs[0].layout
     cols = columns_of(layout, runs, metrics, iterations)
-    titles, table = build_table(runs, cols)
+    _, table = build_table(runs, cols)
     _, common = labels(runs)
     caption = layout.get("title") or common
-    text = render(titles, table, fmt_name, layout, caption)
+    text = render(cols, table, fmt_name, caption)
     out = Path(out) if out is not None else Path(path) / "report"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"table.{FORMATS[fmt_name]}").write_text(text)

@@ -57,7 +57,8 @@ def test_one_round_labels_longer_problems_and_keeps_only_labels_that_pass_the_vo
     assert len(gold) == max(len(kept), 100) and all(r["completion"] == r["answer"] for r in gold)
 
     rows = read_jsonl(run / "metrics.jsonl")
-    assert [r["iteration"] for r in rows] == [0, 1] and {"acc/1", "acc/3", "kept"} <= set(rows[1])
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert {"acc/1", "acc/3", "kept", "label_accuracy"} <= set(rows[1])
 
 
 def label(pair: int, swapped: bool, completion: str, answer: str = "579") -> dict:
