@@ -3,8 +3,9 @@
 A plain AdamW + cosine loop outside TRL on the model and data of ``experiment=length_gen``, to tell
 the recipe (BOS, positional encoding, curriculum, operand lengths) from the pipeline. Prints the
 loss every 250 steps, then greedy accuracy on 200 held-out problems per length up to two digits
-beyond the training lengths, with a few wrong answers. One thread; 1500 steps of 1-3 digits take
-~9 min here. The figures in docs/reproductions.md (Length generalisation, "raw loop"):
+beyond the training lengths, with a few wrong answers. The problems are the pipeline's own (the
+task's gold seeds and held-out test sets). One thread; 1500 steps of 1-3 digits took ~9 min on a
+loaded machine, ~4 min on a quiet one. The figures in docs/reproductions.md (Length generalisation, "raw loop"):
 
     python scripts/probe_length_gen.py --bos 1 --max-digits 3 --steps 1500     # 3 digits 100 %
     python scripts/probe_length_gen.py --bos 0 --max-digits 3 --steps 1500     # 3 digits 11.5 %
@@ -27,7 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from selfimprove.models import build_tiny, char_tokenizer
-from selfimprove.tasks.reversed_addition import rev
+from selfimprove.tasks.reversed_addition import ReversedAddition
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -69,15 +70,21 @@ def main() -> None:
                 module.inv_freq.mul_(scale) if scale else module.inv_freq.zero_()  # theta 0 gave inf
                 module.original_inv_freq = module.inv_freq
 
-    def operand(digits: int, r: random.Random) -> int:
-        return r.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
-
-    def problem(digits: int) -> tuple[str, str]:
-        other = rng.randint(1, digits) if a.mixed_lengths else digits
-        x, y = operand(digits, rng), operand(other, rng)
-        if rng.random() < 0.5:
-            x, y = y, x
-        return f"{rev(x)}+{rev(y)}=", rev(x + y)
+    # the pipeline's own problems: gold seeds per length (held-out problems excluded) and test sets
+    task = ReversedAddition(
+        {
+            "name": "reversed_addition",
+            "seed": a.seed,
+            "test_seed": 1234,
+            "seed_levels": list(range(1, a.max_digits + 1)),
+            "seed_per_level": a.per_level,
+            "seed_lengths": "mixed" if a.mixed_lengths else "equal",
+            "train_per_iteration": 0,
+            "test_levels": list(range(1, a.max_digits + 3)),
+            "test_per_level": 200,
+        }
+    )
+    by_level = [(r["meta"]["level"], (r["prompt"], r["completion"])) for r in task.seed_data()]
 
     def prompt_ids(prompt: str) -> list[int]:
         return ([BOS] if a.bos else []) + tok(prompt, add_special_tokens=False)["input_ids"]
@@ -99,8 +106,8 @@ def main() -> None:
 
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-    pool = [problem(d) for d in range(1, a.max_digits + 1) for _ in range(a.per_level)]
-    short = pool[: a.per_level * a.first_digits]  # levels 1..first_digits
+    pool = [problem for _, problem in by_level]
+    short = [problem for level, problem in by_level if level <= a.first_digits]
     optimizer, scheduler = schedule(a.first_steps or a.steps)
     started = time.time()
     for step in range(a.steps):
@@ -121,15 +128,12 @@ def main() -> None:
             print(f"step {step} loss {loss.item():.3f} {time.time() - started:.0f}s", flush=True)
 
     model.eval()
-    held_out = random.Random(1234)
 
-    def accuracy(digits: int, n: int = 200) -> float:
+    def accuracy(digits: int) -> float:
+        records = task.test_sets()[str(digits)]
         correct, shown = 0, 0
-        for _ in range(0, n, 100):
-            problems = []
-            for _ in range(100):
-                x, y = operand(digits, held_out), operand(digits, held_out)
-                problems.append((f"{rev(x)}+{rev(y)}=", rev(x + y)))
+        for start in range(0, len(records), 100):
+            problems = [(r["prompt"], r["answer"]) for r in records[start : start + 100]]
             encoded = [prompt_ids(q) for q, _ in problems]
             width = max(map(len, encoded))
             ids = torch.tensor([[PAD] * (width - len(e)) + e for e in encoded])
@@ -148,7 +152,7 @@ def main() -> None:
                 if got != answer and shown < 3:
                     shown += 1
                     print(f"{digits} digits: {question} want {answer} got {got}")
-        return correct / n
+        return correct / len(records)
 
     print(vars(a))
     print({d: accuracy(d) for d in range(1, a.max_digits + 3)}, f"{time.time() - started:.0f}s", flush=True)
