@@ -119,9 +119,10 @@ def columns_of(layout: dict, runs: list[RunResult], metrics: list[str] | None, i
         title = spec.get("title") or (
             f"{spec['metric']} @{it}" if minus is None else f"Δ {spec['metric']} @{minus}→{it}"
         )
+        # a column's own format, else the table's (a composed config holds null for "not set")
         scale, decimals = (
-            spec.get("scale", layout.get("scale", 1)),
-            spec.get("decimals", layout.get("decimals", 3)),
+            layout.get(key, default) if spec.get(key) is None else spec[key]
+            for key, default in (("scale", 1), ("decimals", 3))
         )
         cols.append(
             Column(spec["metric"], it, title, minus, (spec["iteration"], spec.get("minus")), scale, decimals)

@@ -18,7 +18,15 @@ LAYOUT = {
     "columns": [
         {"metric": "acc/3", "iteration": "first", "title": "start"},
         {"metric": "acc/3", "iteration": "last", "title": "end"},
-        {"metric": "acc/3", "iteration": "last", "minus": "first", "title": "gain"},
+        # null format keys, as a composed config writes them: the table's format
+        {
+            "metric": "acc/3",
+            "iteration": "last",
+            "minus": "first",
+            "title": "gain",
+            "scale": None,
+            "decimals": None,
+        },
         # its own number format, as a count next to percentages needs
         {"metric": "acc/4", "iteration": "last", "title": "half", "scale": 1, "decimals": 2},
     ],
