@@ -395,7 +395,6 @@ class RL:
     max_completion_length: int = MISSING
     beta: float = MISSING
     loss_type: str = MISSING
-    save_steps: int = MISSING
     use_vllm: bool = MISSING
     vllm_mode: str = MISSING
     # any other GRPOConfig field

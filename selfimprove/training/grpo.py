@@ -1,6 +1,6 @@
 """RL with verifiable rewards: TRL's ``GRPOTrainer`` with the task's verifier as the reward function.
 
-The stage is resumable: the trainer checkpoints every ``rl.save_steps`` steps into the stage's
+The stage is resumable: the trainer checkpoints every ``hardware.checkpoint_steps`` steps into the stage's
 ``.partial`` folder, and a run killed mid-training continues from its last checkpoint (optimizer,
 scheduler and RNG state included) when the same command is run again.
 
@@ -47,7 +47,7 @@ def grpo_config(train: dict, rl: dict, hardware: dict, out: Path, seed: int):
     check_rl(train, rl)
     args = trainer_args(train, hardware, out, seed)
     args.update(
-        **checkpointing_args(rl["save_steps"]),
+        **checkpointing_args(hardware.get("checkpoint_steps")),
         logging_steps=1,
         num_generations=rl["num_generations"],
         max_completion_length=rl["max_completion_length"],
