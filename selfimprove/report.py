@@ -150,7 +150,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def build_table(runs: list[RunResult], cols: list[Column]) -> tuple[list[str], list[dict]]:
+def build_table(runs: list[RunResult], cols: list[Column]) -> list[dict]:
     """Group runs by setting (in first-seen order); per column the mean and std over seeds."""
     row_labels, _ = labels(runs)
     groups: dict[str, list[RunResult]] = {}
@@ -160,7 +160,7 @@ def build_table(runs: list[RunResult], cols: list[Column]) -> tuple[list[str], l
     for label, members in sorted(groups.items(), key=lambda kv: natural(kv[0])):
         cells = {c.title: mean_std(cell_values(members, c)) for c in cols}
         table.append({"setting": label, "n": len(members), "cells": cells, "runs": members})
-    return [c.title for c in cols], table
+    return table
 
 
 def natural(text: str) -> list:
@@ -271,7 +271,7 @@ def report(
     runs = find_runs(path)
     layout = runs[0].layout
     cols = columns_of(layout, runs, metrics, iterations)
-    _, table = build_table(runs, cols)
+    table = build_table(runs, cols)
     _, common = labels(runs)
     caption = layout.get("title") or common
     text = render(cols, table, fmt_name, caption)

@@ -28,9 +28,9 @@ def spec(dataset: dict) -> dict:
     so that a changed prompt format or verifier changes their fingerprints."""
     from selfimprove.pipeline import plain
 
-    task = TASKS.get(dataset["name"])
-    task.check(plain(dataset))
-    return {**plain(dataset), "task_version": task.version}
+    task, settings = TASKS.get(dataset["name"]), plain(dataset)
+    task.check(settings)
+    return {**settings, "task_version": task.version}
 
 
 def load(dataset: dict) -> Task:
