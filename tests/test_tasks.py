@@ -12,18 +12,32 @@ from selfimprove.pipeline import plain
 from selfimprove.registry import ConfigError
 from tests.conftest import compose_cfg
 
-GSM8K_ROWS = [
-    {
+
+def gsm8k_row(a: int, b: int) -> dict:
+    """A row in openai/gsm8k's layout: the question, and a solution ending in "#### answer"."""
+    return {
         "question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
         "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}",
     }
-    for a, b in [(3, 4), (10, 5), (7, 8), (1200, 34), (2, 2), (6, 1)]
-]
+
+
+GSM8K_ROWS = [gsm8k_row(a, b) for a, b in [(3, 4), (10, 5), (7, 8), (1200, 34), (2, 2), (6, 1)]]
+# MATH-lighteval's train layout: problem, solution (ending in \boxed{}), level as "Level N", type
 MATH_ROWS = [
-    {"problem": "What is $1/2 + 0$?", "solution": "It is $\\boxed{\\frac{1}{2}}$.", "level": "Level 1"},
-    {"problem": "Solve $x+1=3$.", "solution": "So $x = \\boxed{2}$.", "level": "Level 2"},
-    {"problem": "Compute $\\sqrt{16}$.", "solution": "We get $\\boxed{4}$.", "level": "Level 1"},
-    {"problem": "Give $(1,2)$.", "solution": "$\\boxed{(1,2)}$", "level": "Level 3"},
+    {
+        "problem": "What is $1/2 + 0$?",
+        "solution": "It is $\\boxed{\\frac{1}{2}}$.",
+        "level": "Level 1",
+        "type": "Prealgebra",
+    },
+    {"problem": "Solve $x+1=3$.", "solution": "So $x = \\boxed{2}$.", "level": "Level 2", "type": "Algebra"},
+    {
+        "problem": "Compute $\\sqrt{16}$.",
+        "solution": "We get $\\boxed{4}$.",
+        "level": "Level 1",
+        "type": "Prealgebra",
+    },
+    {"problem": "Give $(1,2)$.", "solution": "$\\boxed{(1,2)}$", "level": "Level 3", "type": "Algebra"},
 ]
 
 

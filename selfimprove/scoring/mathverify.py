@@ -36,9 +36,45 @@ def math_rewards(completions: list[str], answers: list[str]) -> list[float | Non
 
     out: list[float | None] = []
     for completion, answer in zip(completions, answers):
-        gold = parse(f"${answer}$") or parse(str(answer))
+        gold = parse_answer(answer)
         if not gold:
             out.append(None)
             continue
         out.append(1.0 if verify(gold, parse(completion)) else 0.0)
     return out
+
+
+def parse_answer(answer: str) -> list:
+    """A reference answer as math-verify reads it: as LaTeX math, else as plain text."""
+    from math_verify import parse
+
+    return parse(f"${answer}$") or parse(str(answer))
+
+
+def canonical(parsed: list) -> str | None:
+    """One string per value, so that majority votes count equal answers together: math-verify's
+    first parsed form (a sympy value) as sympy prints it, decimals written as fractions. ``0.5``,
+    ``\\frac{1}{2}`` and ``\\frac{2}{4}`` all give ``1/2``, ``15.0`` and ``15`` give ``15``,
+    ``(1, 2)`` gives ``Interval.open(1, 2)``. Only what parse makes equal is merged (``\\sqrt{12}``
+    stays apart from ``2\\sqrt{3}``: simplifying could hang). None when nothing parsed."""
+    import sympy
+
+    if not parsed:
+        return None
+    value = parsed[0]
+    if isinstance(value, sympy.Basic):
+        value = value.xreplace({f: sympy.nsimplify(f, rational=True) for f in value.atoms(sympy.Float)})
+    return str(value).strip()
+
+
+def final_answer(completion: str) -> str | None:
+    """The canonical final answer of a completion (its last ``\\boxed{}``, else what math-verify
+    finds), or None when it has none."""
+    from math_verify import parse
+
+    return canonical(parse(completion))
+
+
+def canonical_answer(answer: str) -> str | None:
+    """The canonical form of a reference answer, comparable with ``final_answer``."""
+    return canonical(parse_answer(answer))

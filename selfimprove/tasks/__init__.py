@@ -7,8 +7,10 @@ format never reuses old samples.
 
 from __future__ import annotations
 
-from selfimprove.registry import Registry
-from selfimprove.tasks.base import Task
+from dataclasses import dataclass
+
+from selfimprove.registry import ConfigError, Registry
+from selfimprove.tasks.base import CAPABILITIES, Task
 
 TASKS = Registry(
     "dataset",
@@ -38,4 +40,50 @@ def load(dataset: dict) -> Task:
     return TASKS.get(dataset["name"])(dataset)
 
 
-__all__ = ["TASKS", "Task", "load", "spec"]
+@dataclass(frozen=True)
+class Need:
+    """A capability (tasks.base.CAPABILITIES) a method uses, and where. ``without`` None: the run
+    cannot go on without it (refused before it starts); else what the run does instead (said once)."""
+
+    capability: str
+    by: str
+    without: str | None = None
+
+
+def label(dataset: dict) -> str:
+    """A dataset as users name it: reasoning-gym tasks by their task (countdown), others by name."""
+    return f"{dataset['name']}:{dataset['task']}" if dataset.get("task") else dataset["name"]
+
+
+def has(dataset: dict, capability: str) -> bool:
+    """Whether the task of this dataset config has ``capability`` with these settings."""
+    return capability not in TASKS.get(dataset["name"]).lacking(dataset)
+
+
+def check_needs(method: str, dataset: dict, needs: list[Need]) -> list[str]:
+    """Refuse (ConfigError, one line) a method whose required capabilities the dataset lacks, naming
+    the datasets that have them; return one note per optional capability it lacks."""
+    from selfimprove.pipeline import plain
+
+    dataset = plain(dataset)
+    lacking = TASKS.get(dataset["name"]).lacking(dataset)
+    notes = []
+    for need in needs:
+        if need.capability not in CAPABILITIES:
+            raise ValueError(f"unknown capability {need.capability!r} in method {method}'s needs")
+        if need.capability not in lacking:
+            continue
+        why = lacking[need.capability]
+        if need.without is None:
+            able = [n for n in TASKS.names() if need.capability in TASKS.get(n).capabilities]
+            raise ConfigError(
+                f"method={method} needs {CAPABILITIES[need.capability]} for {need.by}, which dataset "
+                f"'{label(dataset)}' lacks ({why}); datasets with it: {', '.join(able)}"
+            )
+        notes.append(
+            f"dataset '{label(dataset)}' lacks {CAPABILITIES[need.capability]} ({why}): {need.without}"
+        )
+    return notes
+
+
+__all__ = ["CAPABILITIES", "TASKS", "Need", "Task", "check_needs", "has", "load", "spec"]

@@ -95,6 +95,25 @@ def wrong_step(a: int, b: int, k: int, kind: str, rng: random.Random) -> str:
 class Arithmetic(Task):
     version = 3
     wrong_step_kinds = WRONG_STEP_KINDS
+    capabilities = frozenset(
+        {"demonstrations", "train_prompts", "extract", "hint", "corrupt", "similar", "step_checker"}
+    )
+
+    @classmethod
+    def lacking(cls, cfg: dict) -> dict[str, str]:
+        out = {"label_pairs": "each problem is asked once, not as a+b and b+a pairs"}
+        gold = cfg.get("seed_per_level", 1) * len(cfg.get("seed_levels", [1]))
+        gold += cfg.get("few_shot_per_level", 0) * len(cfg.get("train_levels", []))
+        if gold == 0:
+            out["demonstrations"] = (
+                "dataset.seed_per_level and dataset.few_shot_per_level are 0 (or their levels empty); "
+                "set one to N"
+            )
+        if cfg.get("train_per_iteration", 1) == 0 or cfg.get("train_levels") == []:
+            out["train_prompts"] = (
+                "dataset.train_per_iteration=0 (or no train_levels) draws none; set it to N"
+            )
+        return out
 
     # -- data ----------------------------------------------------------------------------------
     def _operand(self, rng: random.Random, digits: int) -> int:

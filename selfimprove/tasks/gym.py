@@ -11,19 +11,48 @@ rationales: ``seed_data`` returns ``seed_size`` answer-only demonstrations
 (``<answer>{gold}</answer>``), which teach the format, not the reasoning.
 
 Records keep the generator seed and index in ``meta``; the verifier regenerates the entry from
-them (entries can hold objects that JSON does not keep).
+them (entries can hold objects that JSON does not keep), so ``reward`` needs the records' ``meta``
+column. ``similar`` draws new items from the same generator config with a seed made from the run
+seed and the record id; ``corrupt`` perturbs the gold answer and checks with the task's own scorer
+that it is wrong.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 
 from selfimprove.registry import ConfigError, unknown_choice
 from selfimprove.tasks.base import Task
-from selfimprove.tasks.hf_math import check_template, fill
+from selfimprove.tasks.hf_math import (
+    VERIFY_INSTRUCTION,
+    check_template,
+    fill,
+    hinted,
+    missing_counts,
+    paragraph_turn,
+)
 
 ANSWER_END = re.compile(r"</answer>")
+DIGIT = re.compile(r"\d")
+#: perturbed answers ``corrupt`` tries before falling back to an empty answer
+CORRUPT_TRIES = 8
+
+
+def derived_seed(*parts) -> int:
+    """A generator seed from strings, stable across processes (``hash`` is salted per process)."""
+    return int(hashlib.sha256("-".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+
+
+def perturbed(answer: str, rng) -> str:
+    """The answer with one digit changed to another, or (without digits) reversed or extended."""
+    digits = [m.start() for m in DIGIT.finditer(answer)]
+    if digits:
+        i = rng.choice(digits)
+        new = rng.choice([d for d in "0123456789" if d != answer[i]])
+        return answer[:i] + new + answer[i + 1 :]
+    return answer[::-1] if answer[::-1] != answer else f"{answer} {answer}"
 
 
 @functools.cache
@@ -42,12 +71,31 @@ def _dataset(task: str, task_config: tuple, seed: int, size: int):
 
 
 class ReasoningGym(Task):
-    version = 1
+    version = 2  # 2: two-turn prompts in natural language (SCoRe-style correction, a verify question)
+    capabilities = frozenset({"demonstrations", "train_prompts", "extract", "hint", "corrupt", "similar"})
+    #: ours, adapted from SCoRe's MATH instruction (Kumar et al. 2024, appendix) to the answer tags
+    correction_instruction = (
+        "There might be an error in the solution above because of lack of understanding of the "
+        "question. Please correct the error, if any, and rewrite the solution, with the final answer "
+        "inside <answer></answer> tags."
+    )
+    verify_instruction = VERIFY_INSTRUCTION
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         check_template(self.cfg["prompt_template"])
         self._task_config = tuple(sorted(dict(self.cfg.get("task_config") or {}).items()))
+
+    @classmethod
+    def lacking(cls, cfg: dict) -> dict[str, str]:
+        out = {
+            "step_checker": "reasoning-gym scores final answers only, not steps",
+            "label_pairs": "not an addition task asked as a+b and b+a",
+            **missing_counts(cfg),
+        }
+        if "demonstrations" in out:
+            out["demonstrations"] += " (answer-only ones: reasoning-gym has no gold rationales)"
+        return out
 
     def _split(self, seed: int, size: int):
         return _dataset(self.cfg["task"], self._task_config, seed, size)
@@ -113,10 +161,44 @@ class ReasoningGym(Task):
             out.append(float(data.score_answer(extract_answer(completion), entry)))
         return out
 
+    def extract(self, completion: str) -> str | None:
+        from reasoning_gym.utils import extract_answer
+
+        answer = extract_answer(completion)
+        return None if answer is None else answer.strip()
+
+    def hint_prompt(self, record: dict) -> str:
+        return hinted(record["prompt"], record["answer"])
+
+    def corrupt(self, record: dict, rng) -> str:
+        """A wrong answer in the answer tags: the gold one with a digit changed (or otherwise
+        altered) that the task's own scorer rejects, else an empty answer."""
+        for _ in range(CORRUPT_TRIES):
+            attempt = f"<answer>{perturbed(str(record['answer']), rng)}</answer>"
+            if self.reward([], [attempt], [record["answer"]], meta=[record["meta"]])[0] < 1.0:
+                return attempt
+        return "<answer></answer>"
+
+    def similar(self, record: dict, count: int, seed: int) -> list[dict]:
+        """``count`` new items from the same generator config (seeded by the run seed and the record
+        id), held-out test questions and the record itself left out."""
+        gym_seed = derived_seed("gym-similar", seed, record["id"])
+        avoid = self._test_questions()
+        size, out = 2 * count + 8, []
+        for _ in range(4):  # a small task may repeat questions: draw more until count are new
+            records = self._records(f"similar-{record['id']}", gym_seed, size, avoid=avoid)
+            out = [r for r in records if r["prompt"] != record["prompt"]][:count]
+            if len(out) == count:
+                break
+            size *= 4
+        return out
+
+    def turn_prompt(self, prompt: str, attempt: str, instruction: str) -> str:
+        """Problem, the previous attempt (cut after its answer), then the instruction on its own
+        paragraph, as SCoRe's prompts lay it out."""
+        return paragraph_turn(prompt, self.clean(attempt), instruction)
+
     def clean(self, completion: str) -> str:
         """Cut after the first ``</answer>``."""
         match = ANSWER_END.search(completion)
         return completion[: match.end()] if match else completion
-
-    def max_new_tokens(self, record: dict) -> int:
-        return int(self.cfg["max_new_tokens"])

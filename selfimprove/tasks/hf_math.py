@@ -8,6 +8,11 @@ file or folder (``dataset.train.path=/data/gsm8k_train.jsonl``). Gold answers: G
 ``####`` in the solution; MATH's in ``answer`` when the dataset has it, else the solution's last
 ``\\boxed{}``. Both datasets carry gold solutions, so ``seed_data`` returns ``seed_size`` of them
 (GSM8K's calculator annotations ``<<48/2=24>>`` removed, the answer restated as ``\\boxed{}``).
+
+Answers are compared by math-verify: ``extract`` gives a canonical string (``0.5`` and
+``\\frac{1}{2}`` both read ``1/2``), so compare it with ``canonical_answer(record["answer"])``, not
+with the raw reference. ``similar`` draws other problems from the train split only (never one of
+the test split), preferring, when ``test_group_key`` is set, train rows of the record's group.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ import re
 from pathlib import Path
 
 from selfimprove.registry import ConfigError
-from selfimprove.scoring.mathverify import end_of_last_boxed, last_boxed, math_rewards
+from selfimprove.scoring.mathverify import end_of_last_boxed, final_answer, last_boxed, math_rewards
 from selfimprove.tasks.base import Task
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 CALCULATOR = re.compile(r"<<[^>]*>>")
+#: Self-Refine's critique prompt for tasks in natural language (ours, not quoted: the model must
+#: answer with one word, feedback_ok or feedback_wrong, which the critique parser compares whole)
+VERIFY_INSTRUCTION = "Is the answer above correct? Reply with one word: ok or wrong."
 
 
 def load_split(source: dict):
@@ -46,6 +54,38 @@ def check_template(template: str, field: str = "question") -> str:
     return template
 
 
+def hinted(prompt: str, answer: str) -> str:
+    """The prompt with the reference answer as a hint after it (STaR's rationalization); the prompt
+    comes first, so a chat template still wraps one user message."""
+    return f"{prompt}\nHint: the final answer is {answer}."
+
+
+def paragraph_turn(prompt: str, attempt: str, instruction: str) -> str:
+    """A later turn laid out as SCoRe's prompts are: problem, attempt, the instruction on its own
+    paragraph (plain text: the model has no chat template)."""
+    return f"{prompt}{attempt}\n\n{instruction}\n"
+
+
+def missing_counts(cfg: dict) -> dict[str, str]:
+    """Capabilities that a zero count in the settings removes (demonstrations, train prompts)."""
+    out = {}
+    if cfg.get("seed_size", 1) == 0:
+        out["demonstrations"] = "dataset.seed_size=0 takes none; set dataset.seed_size=N"
+    if cfg.get("train_per_iteration", 1) == 0:
+        out["train_prompts"] = "dataset.train_per_iteration=0 draws none; set dataset.train_per_iteration=N"
+    return out
+
+
+def group_value(value) -> str | None:
+    """A group label (e.g. a MATH level) in a form that matches across datasets: its digits
+    (MATH-500's test level is the int ``3``, MATH-lighteval's train level the string ``"Level 3"``:
+    both give ``"3"``), else the lower-cased text; None for no value."""
+    if value is None:
+        return None
+    digits = "".join(re.findall(r"\d+", str(value)))
+    return digits or str(value).strip().lower()
+
+
 def fill(template: str, **values: str) -> str:
     """``str.format`` for templates that also hold literal braces (``\\boxed{}``)."""
     out = template
@@ -58,17 +98,33 @@ class MathTask(Task):
     """Shared by GSM8K and MATH: split loading, sizes, prompts, the math-verify reward and the
     two-turn (self-correction) prompts of SCoRe's MATH experiments."""
 
-    version = 2
-    #: SCoRe's (Kumar et al. 2024, appendix) MATH self-correction instruction, word for word
+    version = 3  # 3: Self-Refine's verify instruction is a question, not the word "verify"
+    capabilities = frozenset({"demonstrations", "train_prompts", "extract", "hint", "corrupt", "similar"})
+    #: the first two sentences of SCoRe's (Kumar et al. 2024, appendix) MATH self-correction
+    #: instruction, word for word; its last ones (the "Final Answer: ..." format) are left out, as the
+    #: prompt asks for \boxed{} instead
     correction_instruction = (
         "There might be an error in the solution above because of lack of understanding of the "
         "question. Please correct the error, if any, and rewrite the solution."
     )
+    verify_instruction = VERIFY_INSTRUCTION
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         check_template(self.cfg["prompt_template"])
         self._rows: dict[str, list[dict]] = {}
+        self._pool: list[tuple[dict, str]] | None = None
+
+    @classmethod
+    def lacking(cls, cfg: dict) -> dict[str, str]:
+        out = {
+            "step_checker": "free-form solutions have no step verifier",
+            "label_pairs": "not an addition task asked as a+b and b+a",
+            **missing_counts(cfg),
+        }
+        if not cfg.get("solution_key"):
+            out["demonstrations"] = "dataset.solution_key is null: no gold solutions"
+        return out
 
     # -- per-dataset hooks -------------------------------------------------------------------------
     def gold_answer(self, row: dict) -> str | None:
@@ -154,14 +210,60 @@ class MathTask(Task):
         stop = completion.find("\n", end)
         return completion[: stop if stop != -1 else len(completion)].rstrip()
 
-    def max_new_tokens(self, record: dict) -> int:
-        return int(self.cfg["max_new_tokens"])
+    def extract(self, completion: str) -> str | None:
+        return final_answer(completion)
+
+    def hint_prompt(self, record: dict) -> str:
+        return hinted(record["prompt"], record["answer"])
+
+    # -- similar problems (test-time self-improvement) ---------------------------------------------
+    def similar(self, record: dict, count: int, seed: int) -> list[dict]:
+        """``count`` other train-split problems (never a test-split one), the record's group first
+        when ``test_group_key`` is set; the same for the same seed and record."""
+        rng = random.Random(f"{self.cfg['name']}-similar-{seed}-{record['id']}")
+        group = self._group(record)
+        key = self.cfg.get("test_group_key")
+        same, other = [], []
+        for row, prompt in self._train_pool():
+            if prompt != record["prompt"]:
+                (same if group is not None and group_value(row.get(key)) == group else other).append(row)
+        rng.shuffle(same)
+        rng.shuffle(other)
+        out = []
+        for k, row in enumerate((same + other)[:count]):
+            rec = self.record(row, "similar")
+            rec["id"] = f"similar-{record['id']}-{k}"
+            rec["meta"]["level"] = record["meta"]["level"]
+            out.append(rec)
+        return out
+
+    def _train_pool(self) -> list[tuple[dict, str]]:
+        """Train rows with an answer whose question is not in the test split, with their prompts
+        (built once: ``similar`` is called for every uncertain test item)."""
+        if self._pool is None:
+            question = self.cfg["question_key"]
+            held_out = {str(r[question]) for r in self.rows("test")}
+            self._pool = [
+                (r, self.record(r, "similar")["prompt"])
+                for r in self.rows("train")
+                if self.gold_answer(r) is not None and str(r[question]) not in held_out
+            ]
+        return self._pool
+
+    def _group(self, record: dict) -> str | None:
+        """The normalised ``test_group_key`` value of the row a record was made from (test records
+        from the test split, every other record from the train split), or None."""
+        key = self.cfg.get("test_group_key")
+        if not key:
+            return None
+        split = "test" if record["id"].startswith("test-") else "train"
+        return group_value(self.rows(split)[record["meta"]["index"]].get(key))
 
     # -- two-turn episodes -------------------------------------------------------------------------
     def turn_prompt(self, prompt: str, attempt: str, instruction: str) -> str:
         """Problem, the previous attempt (cut after its boxed answer), then the instruction on its
         own paragraph, as SCoRe's prompts lay it out (plain text: the model has no chat template)."""
-        return f"{prompt}{self.clean(attempt)}\n\n{instruction}\n"
+        return paragraph_turn(prompt, self.clean(attempt), instruction)
 
     def corrupt(self, record: dict, rng) -> str:
         """The gold solution with a wrong final answer: an integer moved by 1-9, anything else

@@ -10,6 +10,8 @@ problem's unit tests on the completion in the sandbox (selfimprove/scoring/sandb
 There is no train split and the canonical solutions are the test answers, so ``seed_data`` is
 empty. ``train_size`` > 0 moves the first ``train_size`` problems (after a seeded shuffle) from
 the test set to self-training prompts; the standard benchmark is ``train_size=0`` (all 164 held out).
+A program has no final answer to read or hint at and no gold to corrupt, so HumanEval has train
+prompts (with ``train_size`` > 0) and nothing else of ``CAPABILITIES`` (``lacking`` says why).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import random
 import re
 
 from selfimprove.tasks.base import Task
-from selfimprove.tasks.hf_math import check_template, fill
+from selfimprove.tasks.hf_math import check_template, fill, paragraph_turn
 
 FENCE = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.DOTALL)
 # where a base model's function body ends (the usual HumanEval stop sequences)
@@ -60,7 +62,35 @@ def problems() -> dict[str, dict]:
 
 
 class HumanEval(Task):
-    version = 1
+    version = 2  # 2: SCoRe's code instruction and a verify question in two-turn prompts
+    capabilities = frozenset({"train_prompts"})
+    #: SCoRe's (Kumar et al. 2024, appendix, prompts for MBPP/HumanEval) code self-correction
+    #: instruction, as reimplementations quote it; not checked against the paper's own text here
+    correction_instruction = (
+        "There might be an error in the code above because of lack of understanding of the question. "
+        "Please correct the error, if any, and rewrite the solution. Only output the final correct "
+        "Python program!"
+    )
+    #: ours, not quoted: Self-Refine's critique parser compares the whole reply with one word
+    verify_instruction = "Is the code above correct? Reply with one word: ok or wrong."
+
+    @classmethod
+    def lacking(cls, cfg: dict) -> dict[str, str]:
+        out = {
+            "demonstrations": "the canonical solutions are the test answers",
+            "extract": "code has no final answer to read",
+            "hint": "the reference is unit tests, not an answer to show",
+            "corrupt": "no gold attempts to corrupt (the canonical solutions are the test answers)",
+            "similar": "a fixed set of 164 problems, no generator of new ones",
+            "step_checker": "no verifier of single steps of a program",
+            "label_pairs": "not an addition task asked as a+b and b+a",
+        }
+        if not cfg.get("train_size"):
+            out["train_prompts"] = (
+                "dataset.train_size=0 holds all 164 problems out; "
+                "set dataset.train_size=N to self-train on N of them"
+            )
+        return out
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -114,5 +144,7 @@ class HumanEval(Task):
     def clean(self, completion: str) -> str:
         return cut_body(completion)
 
-    def max_new_tokens(self, record: dict) -> int:
-        return int(self.cfg["max_new_tokens"])
+    def turn_prompt(self, prompt: str, attempt: str, instruction: str) -> str:
+        """Problem, the previous attempt (cut where the function ends), then the instruction on its
+        own paragraph, as SCoRe's prompts lay it out."""
+        return paragraph_turn(prompt, self.clean(attempt), instruction)

@@ -8,11 +8,13 @@ Gold labels exist for the seed levels (digits per operand); the train prompts of
 ``max(seed_levels) + r`` digits and come in pairs, a+b and b+a, so that a method can keep a
 self-generated label only when the model agrees with itself on both orders. Their ``answer`` is
 the true sum, used only to score the held-out sets and to measure how good the kept labels are.
+The hint format follows the scratchpad task's: ``375+588=`` becomes ``375+588|8541=``.
 """
 
 from __future__ import annotations
 
 import random
+import re
 
 from selfimprove.registry import ConfigError
 from selfimprove.tasks.base import Task
@@ -20,6 +22,7 @@ from selfimprove.tasks.base import Task
 #: dataset.seed_lengths: both operands of a level-n gold problem have n digits, or one has n and the
 #: other 1..n digits (either order), as the lengths are drawn independently in Lee et al.'s data
 SEED_LENGTHS = ("equal", "mixed")
+DIGITS = re.compile(r"[0-9]+")
 
 
 def rev(number: int) -> str:
@@ -28,6 +31,21 @@ def rev(number: int) -> str:
 
 class ReversedAddition(Task):
     version = 1
+    capabilities = frozenset(
+        {"demonstrations", "train_prompts", "extract", "hint", "corrupt", "similar", "label_pairs"}
+    )
+
+    @classmethod
+    def lacking(cls, cfg: dict) -> dict[str, str]:
+        out = {"step_checker": "no scratchpad: the completion is the answer alone, with no steps to check"}
+        if cfg.get("seed_per_level", 1) == 0 or cfg.get("seed_levels") == []:
+            out["demonstrations"] = "dataset.seed_per_level=0 (or no seed_levels) labels none; set it to N"
+        if cfg.get("train_per_iteration", 1) == 0:
+            out["train_prompts"] = (
+                "dataset.train_per_iteration=0 draws none; set dataset.train_per_iteration=N"
+            )
+            out["label_pairs"] = out["train_prompts"]
+        return out
 
     @classmethod
     def check(cls, cfg: dict) -> None:
@@ -117,6 +135,34 @@ class ReversedAddition(Task):
 
     def clean(self, completion: str) -> str:
         return completion.strip()
+
+    def extract(self, completion: str) -> str | None:
+        """The completion stripped when it is all digits (the whole answer), else None."""
+        answer = completion.strip()
+        return answer if DIGITS.fullmatch(answer) else None
+
+    def hint_prompt(self, record: dict) -> str:
+        return f"{record['prompt'][:-1]}|{record['answer']}="
+
+    def corrupt(self, record: dict, rng: random.Random) -> str:
+        """The gold completion with one digit changed to another (so it is wrong)."""
+        gold = record.get("completion", record["answer"])
+        i = rng.randrange(len(gold))
+        return gold[:i] + rng.choice([d for d in "0123456789" if d != gold[i]]) + gold[i + 1 :]
+
+    def similar(self, record: dict, count: int, seed: int) -> list[dict]:
+        """``count`` distinct new problems at the record's level (held-out test problems and the
+        record itself left out), the same for the same seed and record."""
+        digits, rng = record["meta"]["level"], random.Random(f"reversed-similar-{seed}-{record['id']}")
+        test = self._test_pairs(digits) if digits > 1 else set()  # 1-digit: too few to hold out
+        own = (record["meta"]["a"], record["meta"]["b"])
+        pool = (10 if digits == 1 else 9 * 10 ** (digits - 1)) ** 2 - len(test) - 1
+        pairs: dict[tuple[int, int], None] = {}
+        while len(pairs) < min(count, pool):
+            pair = (self._operand(rng, digits), self._operand(rng, digits))
+            if pair not in test and pair != own:
+                pairs[pair] = None
+        return [self._record(a, b, f"similar-{record['id']}", i) for i, (a, b) in enumerate(pairs)]
 
     def max_new_tokens(self, record: dict) -> int:
         return record["meta"]["level"] + 3
