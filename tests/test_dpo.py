@@ -22,7 +22,7 @@ HARDWARE = {"device": "cpu", "dtype": "float32", "accelerate": None}
 TRAIN = {
     "steps": 15,
     "batch_size": 8,
-    "grad_accum": 1,
+    "micro_batch_size": 8,
     "lr": 1.0e-3,
     "lr_scheduler": "constant",
     "warmup_ratio": 0.0,

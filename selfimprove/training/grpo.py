@@ -10,6 +10,7 @@ through: ``rl.use_vllm``/``rl.vllm_mode`` and, for any other ``GRPOConfig`` fiel
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -91,6 +92,9 @@ def train_rl(
             {
                 "prompt": [{"role": "user", "content": r["prompt"]}] if chat else r["prompt"],
                 "answer": r["answer"],
+                # every record column reaches the reward (reasoning-gym's verifier needs meta); JSON,
+                # so that Arrow does not have to type records whose meta keys differ
+                "meta": json.dumps(r.get("meta", {})),
             }
             for r in records
         ]
@@ -119,16 +123,26 @@ def train_rl(
     }
 
 
+def turn_text(x) -> str:
+    """A prompt or completion as text: conversational ones (chat models) by their last turn."""
+    return x if isinstance(x, str) else x[-1]["content"]
+
+
+def record_meta(column: list[str] | None, count: int) -> list[dict]:
+    """The records' meta column as train_rl stored it (JSON strings), for the task's reward."""
+    return [json.loads(m) for m in column] if column is not None else [{}] * count
+
+
 def verifier(task: tasks.Task) -> Callable:
     """The task's verifier as a TRL reward function, named ``correct`` in TRL's logs. Conversational
     completions (chat models) are reduced to their text; a None reward is left for TRL to skip."""
 
-    def text(x) -> str:
-        return x if isinstance(x, str) else x[-1]["content"]
-
-    def correct(prompts, completions, answer, **columns):
+    def correct(prompts, completions, answer, meta=None, **columns):
         return task.reward(
-            prompts=[text(p) for p in prompts], completions=[text(c) for c in completions], answer=answer
+            prompts=[turn_text(p) for p in prompts],
+            completions=[turn_text(c) for c in completions],
+            answer=answer,
+            meta=record_meta(meta, len(completions)),
         )
 
     return correct

@@ -53,6 +53,35 @@ def check(hardware: dict) -> None:
             raise ConfigError(f"hardware.num_processes={hardware['num_processes']} must be >= 1 (or null)")
 
 
+def processes(hardware: dict) -> int:
+    """How many processes a train stage runs in: hardware.num_processes, else the accelerate
+    config's, else 1 (no accelerate)."""
+    if not hardware.get("accelerate"):
+        return 1
+    if hardware.get("num_processes"):
+        return int(hardware["num_processes"])
+    import yaml
+
+    return int(yaml.safe_load(accelerate_config(hardware["accelerate"]).read_text()).get("num_processes", 1))
+
+
+def batch_split(train: dict, hardware: dict) -> tuple[int, int]:
+    """(sequences per device and forward pass, gradient accumulation steps) that make up
+    ``train.batch_size`` sequences per optimizer step over all processes, with at most
+    ``train.micro_batch_size`` per pass; a batch that does not split evenly is a one-line error."""
+    batch, micro, procs = train["batch_size"], train["micro_batch_size"], processes(hardware)
+    if batch < 1 or micro < 1 or batch % procs:
+        raise ConfigError(
+            f"batch_size={batch} must be a positive multiple of the {procs} training processes "
+            f"(and micro_batch_size={micro} >= 1)"
+        )
+    per_device = batch // procs
+    micro = min(micro, per_device)
+    while per_device % micro:  # the largest micro-batch that divides the per-device batch
+        micro -= 1
+    return micro, per_device // micro
+
+
 def multi_process(hardware: dict) -> bool:
     """True when a train stage should hand its body to ``accelerate launch``."""
     return bool(hardware.get("accelerate")) and not launched()

@@ -21,7 +21,7 @@ from pathlib import Path
 from selfimprove import tasks
 from selfimprove.pipeline import Artifact, read_jsonl, stage
 from selfimprove.registry import ConfigError
-from selfimprove.training.grpo import train_rl
+from selfimprove.training.grpo import record_meta, train_rl
 from selfimprove.training.launch import accelerated
 
 STAGES = (1, 2)
@@ -93,9 +93,10 @@ def shaped_reward(task: tasks.Task, phase: int, alpha: float) -> Callable:
     """Stage I: r(y2). Stage II: r(y1) + r(y2) + alpha * (r(y2) - r(y1)) (SCoRe's progress bonus).
     Logs the accuracy of each attempt in the batch (``acc_t1``, ``acc_t2``)."""
 
-    def score_reward(prompts, completions, answer, attempt1, attempt2, log_metric=None, **columns):
-        r1 = task.reward(prompts=prompts, completions=attempt1, answer=answer)
-        r2 = task.reward(prompts=prompts, completions=attempt2, answer=answer)
+    def score_reward(prompts, completions, answer, attempt1, attempt2, log_metric=None, meta=None, **columns):
+        metas = record_meta(meta, len(completions))
+        r1 = task.reward(prompts=prompts, completions=attempt1, answer=answer, meta=metas)
+        r2 = task.reward(prompts=prompts, completions=attempt2, answer=answer, meta=metas)
         if log_metric is not None:
             log_metric("acc_t1", sum(r or 0.0 for r in r1) / len(r1))
             log_metric("acc_t2", sum(r or 0.0 for r in r2) / len(r2))

@@ -20,9 +20,10 @@ import json
 import shutil
 from pathlib import Path
 
+from selfimprove.errors import RunError
 from selfimprove.models import load_model, resolve_device, uses_chat_template
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
-from selfimprove.training.launch import accelerated, launched
+from selfimprove.training.launch import accelerated, batch_split, launched
 
 
 def checkpointing_args(every: int | None) -> dict:
@@ -80,12 +81,15 @@ def trainer_args(train: dict, hardware: dict, out: Path, seed: int) -> dict:
     checkpointing = (
         "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     )
+    recompute = bool(hardware.get("gradient_checkpointing")) and not on_cpu
+    micro, accumulation = batch_split(train, hardware)
     return dict(
-        **{checkpointing: False},
+        **{checkpointing: recompute},
+        **({f"{checkpointing}_kwargs": {"use_reentrant": False}} if recompute else {}),
         output_dir=str(out / "trainer"),
         max_steps=train["steps"],
-        per_device_train_batch_size=train["batch_size"],
-        gradient_accumulation_steps=train["grad_accum"],
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
         learning_rate=train["lr"],
         lr_scheduler_type=train["lr_scheduler"],
         warmup_steps=int(train["warmup_ratio"] * train["steps"]),
@@ -187,7 +191,35 @@ def lora_config(lora: dict | None):
     )
 
 
-@stage(version=1, resumable=True)
+def fitting(records: list[dict], tokenizer, chat: bool, max_length: int) -> tuple[list[dict], int]:
+    """The records whose prompt + completion (+ EOS, as TRL tokenizes them) fit ``max_length``
+    tokens, and the longest length seen. A longer one would be cut by TRL before its final answer
+    and teach the model to stop mid-rationale, so it is left out instead."""
+    if chat:
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}],
+                tokenize=False,
+            )
+            for r in records
+        ]
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    else:
+        ids = tokenizer([r["prompt"] + r["completion"] for r in records])["input_ids"]
+        lengths = [len(x) + 1 for x in ids]
+    kept = [r for r, n in zip(records, lengths) if n <= max_length]
+    return kept, max(lengths, default=0)
+
+
+def unchanged(lm, tokenizer, out: Path, meta: dict) -> dict:
+    """Save the model as it is: a train stage with no examples (nothing was kept this iteration)."""
+    lm.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    write_json_atomic(out / "model_meta.json", meta)
+    return {"examples": 0, "steps": 0}
+
+
+@stage(version=2, resumable=True)
 @accelerated
 def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict, seed: int) -> dict:
     """Stage: fine-tune ``model`` on ``data``'s prompt/completion records; writes model/ (full
@@ -206,7 +238,16 @@ def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict,
     )
     lm, tokenizer = load_model(model, hardware, for_training=True, place=not launched())
     chat = uses_chat_template(model, tokenizer)
-    dataset = Dataset.from_list(sft_rows(records, chat))
+    if not records:  # e.g. no sample was right this iteration and nothing is replayed
+        return unchanged(lm, tokenizer, out, {"chat_template": chat})
+    kept, longest = fitting(records, tokenizer, chat, train["max_length"])
+    if not kept:
+        raise RunError(
+            f"0 of {len(records)} examples fit max_length={train['max_length']} (longest: {longest} tokens); "
+            "raise the dataset's budgets (dataset.prompt_tokens, dataset.completion_tokens) or this "
+            "stage's max_length"
+        )
+    dataset = Dataset.from_list(sft_rows(kept, chat))
     peft_config = lora_config(train.get("lora"))
     trainer = SFTTrainer(
         model=lm, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
@@ -220,4 +261,10 @@ def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict,
     if peft_config is not None:  # the stage folder is renamed into place, so a relative path holds
         meta["adapter_base"] = os.path.relpath(model.path, out)
     write_json_atomic(out / "model_meta.json", meta)
-    return {"examples": len(records), "lora": peft_config is not None, "resumed_from": resumed_from, **saved}
+    return {
+        "examples": len(kept),
+        "too_long": len(records) - len(kept),
+        "lora": peft_config is not None,
+        "resumed_from": resumed_from,
+        **saved,
+    }
