@@ -147,7 +147,7 @@ def two_turn_seed_data(out: Path, seeds: Artifact, dataset: dict, fraction: floa
     records = read_jsonl(seeds.file("train.jsonl"))
     rng = random.Random(seed)
     extra = []
-    for r in records:
+    for r in records if "corrupt" in task.capabilities else []:  # else none (said when the run starts)
         exemplar = r["meta"].get("level") in dataset.get("train_levels", [])  # the few at the hard level
         if r["meta"].get("hinted") or not (exemplar or rng.random() < fraction):
             continue
@@ -230,13 +230,14 @@ def correction_data(
                 for e in group
                 if correct(e["turns"][1])
             ]
-        else:
-            attempts = [t["completion"] for e in group for t in e["turns"]]
-            right = sorted({a for a in attempts if task.extract(a) == str(group[0]["answer"])})
-            wrong = sorted({a for a in attempts if task.extract(a) != str(group[0]["answer"])})
+        else:  # every attempt is judged by the verifier's reward of its turn
+            turns = [t for e in group for t in e["turns"] if t["reward"] is not None]
+            right = sorted({t["completion"] for t in turns if correct(t)})
+            wrong = sorted({t["completion"] for t in turns if not correct(t)})
             pairs = [(w, rng.choice(right)) for w in wrong] if right else []
         unique = list(dict.fromkeys(pairs))[:max_per_prompt]
-        fixes += sum(task.extract(a) != str(group[0]["answer"]) for a, _ in unique)
+        judged = {t["completion"]: correct(t) for e in group for t in e["turns"] if t["reward"] is not None}
+        fixes += sum(not judged.get(first, False) for first, _ in unique)
         kept += [
             {
                 "id": group[0]["id"],

@@ -36,9 +36,12 @@ def sampled_metrics(
         out[f"pass@{k}/{level}"] = fraction(
             [pass_at_k(len(g), sum(r["reward"] == 1.0 for r in g), k) for g in groups], 0.0
         )
-        out[f"maj@{k}/{level}"] = fraction(
-            [maj_at_k([task.extract(r["completion"]) for r in g], g[0]["answer"], k) for g in groups], 0.0
-        )
+        if "extract" in task.capabilities:  # else maj@k is left out (said once when the run starts)
+            votes = [
+                maj_at_k([task.extract(r["completion"]) for r in g], [r["reward"] for r in g], k)
+                for g in groups
+            ]
+            out[f"maj@{k}/{level}"] = fraction(votes, 0.0)
     for selector in eval["selectors"]:
         if selector == "oracle":  # a perfect verifier picks a correct sample whenever there is one
             picks = [max(g, key=lambda r: r["reward"] or 0.0) for g in groups]

@@ -41,11 +41,16 @@ def majority(answers: Sequence[str | None]) -> str | None:
     return next(a for a in answers if a is not None and counts[a] == best)
 
 
-def maj_at_k(answers: Sequence[str | None], reference: str, k: int) -> float:
-    """1.0 when the majority answer of the first ``k`` samples equals ``reference``."""
+def maj_at_k(answers: Sequence[str | None], rewards: Sequence[float | None], k: int) -> float:
+    """1.0 when the majority answer of the first ``k`` samples is right: the verifier's reward of a
+    sample that gave it (answers equal as extracted, e.g. math-verify's canonical form, so
+    ``0.5`` and ``\frac{1}{2}`` vote together and are judged by the verifier, not by spelling)."""
     if not 0 < k <= len(answers):
         raise ConfigError(f"maj@k needs 0 < k <= number of samples (got k={k}, samples={len(answers)})")
-    return float(majority(answers[:k]) == str(reference))
+    top = majority(answers[:k])
+    if top is None:
+        return 0.0
+    return float(next(r for a, r in zip(answers, rewards) if a == top) == 1.0)
 
 
 def self_certainty(logits, mask=None) -> float:
@@ -92,17 +97,21 @@ def by_prompt(records: list[dict]) -> dict[str, list[dict]]:
 
 def exploration(records: list[dict], extract, clean) -> dict:
     """Diversity of the sampled train set (B-STaR's exploration): distinct correct rationales and
-    distinct answers per prompt, and pass@n - pass@1 (how much sampling more finds)."""
+    distinct answers per prompt (when ``extract`` is given), and pass@n - pass@1 (how much sampling
+    more finds)."""
     groups = [g for g in by_prompt(records).values() if all(r["reward"] is not None for r in g)]
     if not groups:
         return {}
     distinct_correct = [len({clean(r["completion"]) for r in g if r["reward"] >= 1.0}) for g in groups]
-    distinct_answers = [len({extract(r["completion"]) for r in g} - {None}) for g in groups]
     p1 = [pass_at_k(len(g), sum(r["reward"] >= 1.0 for r in g), 1) for g in groups]
     pn = [float(any(r["reward"] >= 1.0 for r in g)) for g in groups]
+    answers = {}
+    if extract is not None:
+        distinct = [len({extract(r["completion"]) for r in g} - {None}) for g in groups]
+        answers["explore/distinct_answers"] = fraction(distinct)
     return {
         "explore/distinct_correct": fraction(distinct_correct),
-        "explore/distinct_answers": fraction(distinct_answers),
+        **answers,
         "explore/pass@1": fraction(p1),
         "explore/pass@n": fraction(pn),
         "explore/pass@n-pass@1": round(fraction(pn) - fraction(p1), 4),

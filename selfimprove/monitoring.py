@@ -22,8 +22,9 @@ def monitor(out: Path, scored: Artifact, kept: Artifact, dataset: dict) -> dict:
     records = read_jsonl(scored.file("scored.jsonl"))
     generated = [r for r in read_jsonl(kept.file("train.jsonl")) if "sample" in r.get("meta", {})]
     kept_rewards = [r["reward"] for r in score_records(task, generated) if r["reward"] is not None]
+    extract = task.extract if "extract" in task.capabilities else None  # else no distinct_answers
     metrics = {
-        **exploration(records, task.extract, task.clean),
+        **exploration(records, extract, task.clean),
         **exploitation(records, kept_rewards),
     }
     write_json_atomic(out / "metrics.json", metrics)

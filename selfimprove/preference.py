@@ -42,7 +42,10 @@ def spin_pairs(out: Path, samples: Artifact, dataset: dict, previous: Artifact |
     records = read_jsonl(samples.file("samples.jsonl"))
     own = [task.clean(r["completion"]) for r in records]
     rewards = task.reward(
-        prompts=[r["prompt"] for r in records], completions=own, answer=[r["answer"] for r in records]
+        prompts=[r["prompt"] for r in records],
+        completions=own,
+        answer=[r["answer"] for r in records],
+        meta=[r.get("meta", {}) for r in records],
     )
     new = [
         {

@@ -186,7 +186,7 @@ def critic_eval(
         best = max(rank(s) for s in group)
         picks.append(rng.choice([s for s in group if rank(s) == best])["reward"] == 1.0)
         majority.append(
-            maj_at_k([task.extract(s["completion"]) for s in group], group[0]["answer"], len(group))
+            maj_at_k([task.extract(s["completion"]) for s in group], [s["reward"] for s in group], len(group))
         )
         expected.append(mean([s["reward"] == 1.0 for s in group]))
         oracle.append(any(s["reward"] == 1.0 for s in group))

@@ -44,8 +44,9 @@ def test_pass_at_k_rejects_k_above_n():
 
 def test_majority_vote_ignores_none_and_breaks_ties_by_first_seen():
     answers = ["5", "7", "7", None, "5", "5"]
-    assert [maj_at_k(answers, "5", k) for k in (1, 2, 3, 4, 6)] == [1.0, 1.0, 0.0, 0.0, 1.0]
-    assert majority([None, None]) is None and maj_at_k([None], "5", 1) == 0.0
+    rewards = [1.0 if a == "5" else 0.0 for a in answers]  # the verifier judges the majority answer
+    assert [maj_at_k(answers, rewards, k) for k in (1, 2, 3, 4, 6)] == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert majority([None, None]) is None and maj_at_k([None], [0.0], 1) == 0.0
 
 
 def test_balance_score_by_hand():

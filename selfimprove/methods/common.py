@@ -6,12 +6,33 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig
 
+from selfimprove import tasks
 from selfimprove.data import seed_data
 from selfimprove.episodes import two_turn_eval, two_turn_seed_data
 from selfimprove.evaluation import evaluate
 from selfimprove.models import init_model
 from selfimprove.pipeline import Artifact, Iteration, Run
+from selfimprove.tasks import Need
 from selfimprove.training import sft
+
+#: the monitor stage (monitoring.py) reads answers for one of its numbers
+MONITOR_NEEDS = [
+    Need("extract", "the monitor's explore/distinct_answers", without="explore/distinct_answers is left out")
+]
+
+
+def warm_start_needs(cfg: DictConfig, two_turn: bool = False) -> list[Need]:
+    """What :func:`warm_start` and the held-out evaluation use of a task: demonstrations (without
+    them the warm start is skipped), wrong attempts for two-turn examples, answers for maj@k."""
+    needs = []
+    if cfg.method.warmstart.steps > 0:
+        skipped = "the warm start is skipped: iteration 1 starts from the model itself"
+        needs.append(Need("demonstrations", "the warm start", without=skipped))
+    if two_turn:
+        needs.append(Need("corrupt", "two-turn warm-start examples", without="the warm start has none"))
+    if cfg.eval.sampled:
+        needs.append(Need("extract", "eval.sampled's maj@k", without="maj@k is left out (pass@k stays)"))
+    return needs
 
 
 def warm_start(
@@ -44,8 +65,8 @@ def warm_start(
         )
     if augment is not None:
         seeds = augment(seeds)
-    if m.warmstart.steps == 0:  # no warm start ("zero RL" from a base model): M0 is the model itself
-        model = base
+    if m.warmstart.steps == 0 or not tasks.has(dataset, "demonstrations"):
+        model = base  # no warm start ("zero RL" from a base model, or nothing to learn from): M0 is the model
     else:
         model = run.stage(
             "warmstart/train", sft, model=base, data=seeds, train=m.warmstart, hardware=hw, seed=cfg.seed

@@ -17,10 +17,16 @@ from omegaconf import DictConfig
 
 from selfimprove import tasks
 from selfimprove.data import task_prompts
-from selfimprove.methods.common import held_out_eval, warm_start
+from selfimprove.methods.common import held_out_eval, warm_start, warm_start_needs
 from selfimprove.pipeline import Run
+from selfimprove.tasks import Need
 from selfimprove.training.grpo import check_rl
 from selfimprove.training.grpo import grpo as grpo_stage
+
+
+def needs(cfg: DictConfig) -> list[Need]:
+    """What GRPO uses of a task (checked before a run starts: tasks.check_needs)."""
+    return warm_start_needs(cfg) + [Need("train_prompts", "the iterations' prompts")]
 
 
 def grpo(cfg: DictConfig, run: Run) -> None:

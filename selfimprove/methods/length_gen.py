@@ -26,7 +26,16 @@ from selfimprove.generation import generate
 from selfimprove.models import init_model
 from selfimprove.pipeline import Artifact, Run, read_jsonl, stage, write_jsonl
 from selfimprove.registry import ConfigError
+from selfimprove.tasks import Need
 from selfimprove.training import sft
+
+
+def needs(cfg: DictConfig) -> list[Need]:
+    """What length generalisation uses of a task (checked before a run starts: tasks.check_needs)."""
+    return [
+        Need("label_pairs", "each round's a+b / b+a problems at the next length"),
+        Need("demonstrations", "training from scratch on the gold lengths"),
+    ]
 
 
 def length_gen(cfg: DictConfig, run: Run) -> None:

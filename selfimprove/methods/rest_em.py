@@ -16,12 +16,18 @@ from omegaconf import DictConfig
 from selfimprove import tasks
 from selfimprove.data import keep_correct, task_prompts
 from selfimprove.generation import generate
-from selfimprove.methods.common import held_out_eval, warm_start
+from selfimprove.methods.common import MONITOR_NEEDS, held_out_eval, warm_start, warm_start_needs
 from selfimprove.monitoring import monitor
 from selfimprove.pipeline import Run
 from selfimprove.scoring import score
 from selfimprove.scoring.certainty import certainty
+from selfimprove.tasks import Need
 from selfimprove.training import sft
+
+
+def needs(cfg: DictConfig) -> list[Need]:
+    """What ReST-EM uses of a task (checked before a run starts: tasks.check_needs)."""
+    return warm_start_needs(cfg) + [Need("train_prompts", "the iterations' prompts")] + MONITOR_NEEDS
 
 
 def rest_em(cfg: DictConfig, run: Run) -> None:

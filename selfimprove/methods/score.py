@@ -20,14 +20,22 @@ from omegaconf import DictConfig
 from selfimprove import tasks
 from selfimprove.data import task_prompts
 from selfimprove.episodes import correction_data, sample_episodes
-from selfimprove.methods.common import held_out_eval, warm_start
+from selfimprove.methods.common import held_out_eval, warm_start, warm_start_needs
 from selfimprove.pipeline import Run
 from selfimprove.registry import ConfigError
+from selfimprove.tasks import Need
 from selfimprove.training import sft
 from selfimprove.training.grpo import check_rl
 from selfimprove.training.score import score_rl
 
 VARIANTS = ("base", "star_sft", "pair_sft", "score")
+
+
+def needs(cfg: DictConfig) -> list[Need]:
+    """What SCoRe (and its baselines) use of a task (checked before a run starts: tasks.check_needs)."""
+    m = cfg.method
+    prompts = [Need("train_prompts", "the traces' and RL stages' prompts")] if m.variant != "base" else []
+    return warm_start_needs(cfg, two_turn=m.two_turn_fraction > 0) + prompts
 
 
 def score(cfg: DictConfig, run: Run) -> None:

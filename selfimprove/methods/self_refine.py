@@ -21,12 +21,21 @@ from omegaconf import DictConfig
 from selfimprove import tasks
 from selfimprove.episodes import by_level, correct, episode_metrics, start, take_turn
 from selfimprove.generation import sample
-from selfimprove.methods.common import warm_start
+from selfimprove.methods.common import warm_start, warm_start_needs
 from selfimprove.metrics import fraction
 from selfimprove.pipeline import Artifact, Run, read_jsonl, stage, write_json_atomic, write_jsonl
 from selfimprove.registry import ConfigError
+from selfimprove.tasks import Need
 
 FEEDBACK = ("oracle", "self")
+
+
+def needs(cfg: DictConfig) -> list[Need]:
+    """What Self-Refine uses of a task (checked before a run starts: tasks.check_needs)."""
+    unchanged = Need(
+        "extract", 'the "unchanged answer" stop', without="it compares the cleaned attempts instead"
+    )
+    return warm_start_needs(cfg, two_turn=cfg.method.two_turn_fraction > 0) + [unchanged]
 
 
 def self_refine(cfg: DictConfig, run: Run) -> None:
@@ -151,7 +160,7 @@ def refine_round(
         for e in take_turn(task, model, to_refine, task.feedback_wrong, settings, generator, hardware, seed)
     }
     for e in refreshed.values():
-        if task.extract(e["turns"][-1]["completion"]) == task.extract(e["turns"][-2]["completion"]):
+        if task.final(e["turns"][-1]["completion"]) == task.final(e["turns"][-2]["completion"]):
             e["stopped"] = "unchanged"
     episodes = [refreshed.get(e["id"], e) for e in episodes]
     refine_tokens = sum(e["turns"][-1]["tokens"] for e in refreshed.values())

@@ -19,12 +19,19 @@ from omegaconf import DictConfig
 from selfimprove import tasks
 from selfimprove.data import task_prompts
 from selfimprove.generation import generate
-from selfimprove.methods.common import held_out_eval, warm_start
+from selfimprove.methods.common import held_out_eval, warm_start, warm_start_needs
 from selfimprove.pipeline import Run
 from selfimprove.preference import judged_pairs
 from selfimprove.scoring import score
 from selfimprove.scoring.judge import get_judge, judge_responses, judge_seed_data
+from selfimprove.tasks import Need
 from selfimprove.training.dpo import dpo
+
+
+def needs(cfg: DictConfig) -> list[Need]:
+    """What Self-Rewarding uses of a task (checked before a run starts: tasks.check_needs)."""
+    eft = Need("corrupt", "the judge's (EFT) warm-start examples", without="the model judges without them")
+    return warm_start_needs(cfg) + [Need("train_prompts", "the iterations' prompts"), eft]
 
 
 def self_rewarding(cfg: DictConfig, run: Run) -> None:

@@ -29,9 +29,19 @@ from selfimprove.pipeline import Run
 from selfimprove.registry import ConfigError
 from selfimprove.scoring import score
 from selfimprove.selfplay import bench_solutions, critic_eval, game_data, play, role_seed_data
+from selfimprove.tasks import Need
 from selfimprove.training import sft
 
 ROLES = ("shared", "separate")
+
+
+def needs(cfg: DictConfig) -> list[Need]:
+    """What SPC uses of a task (checked before a run starts: tasks.check_needs)."""
+    return [
+        Need("step_checker", "the critic's labels and the sneaky generator's rewrites"),
+        Need("demonstrations", "the solver's warm start and the role examples"),
+        Need("train_prompts", "the iterations' prompts"),
+    ]
 
 
 def spc(cfg: DictConfig, run: Run) -> None:
@@ -119,14 +129,9 @@ def spc(cfg: DictConfig, run: Run) -> None:
 
 
 def check(cfg: DictConfig) -> None:
-    """Refuse, before anything runs, a task without a step checker and bad role or level names."""
-    name = cfg.dataset.name
-    task = tasks.TASKS.get(name)  # the class: nothing is loaded or downloaded to check it
-    if not hasattr(task, "first_error"):
-        checked = [n for n in tasks.TASKS.names() if hasattr(tasks.TASKS.get(n), "first_error")]
-        raise ConfigError(
-            f"method=spc needs a step checker, which dataset '{name}' has not; datasets with one: {', '.join(checked)}"
-        )
+    """Refuse, before anything runs, bad role or level names (a task without a step checker is
+    refused earlier, by ``needs``)."""
+    task = tasks.TASKS.get(cfg.dataset.name)  # the class: nothing is loaded or downloaded to check it
     m = cfg.method
     if m.roles not in ROLES:
         raise ConfigError(f"method.roles='{m.roles}' is not allowed; use one of {', '.join(ROLES)}")

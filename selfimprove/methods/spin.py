@@ -14,10 +14,17 @@ from omegaconf import DictConfig
 
 from selfimprove import tasks
 from selfimprove.generation import generate
-from selfimprove.methods.common import held_out_eval, warm_start
+from selfimprove.methods.common import held_out_eval, warm_start, warm_start_needs
 from selfimprove.pipeline import Run
 from selfimprove.preference import sft_prompts, spin_pairs
+from selfimprove.tasks import Need
 from selfimprove.training.dpo import dpo
+
+
+def needs(cfg: DictConfig) -> list[Need]:
+    """What SPIN uses of a task (checked before a run starts: tasks.check_needs): its prompts and
+    chosen responses are the SFT data itself."""
+    return warm_start_needs(cfg) + [Need("demonstrations", "SPIN's prompts and chosen (gold) responses")]
 
 
 def spin(cfg: DictConfig, run: Run) -> None:

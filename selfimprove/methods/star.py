@@ -17,12 +17,19 @@ from omegaconf import DictConfig
 from selfimprove import tasks
 from selfimprove.data import hint_prompts, keep_correct, task_prompts
 from selfimprove.generation import generate
-from selfimprove.methods.common import held_out_eval, warm_start
+from selfimprove.methods.common import MONITOR_NEEDS, held_out_eval, warm_start, warm_start_needs
 from selfimprove.monitoring import monitor
 from selfimprove.pipeline import Run
 from selfimprove.scoring import score
 from selfimprove.scoring.certainty import certainty
+from selfimprove.tasks import Need
 from selfimprove.training import sft
+
+
+def needs(cfg: DictConfig) -> list[Need]:
+    """What STaR uses of a task (tasks.check_needs refuses a run whose dataset lacks a required one)."""
+    hint = [Need("hint", "rationalization (method.rationalize=true)")] if cfg.method.rationalize else []
+    return warm_start_needs(cfg) + [Need("train_prompts", "the iterations' prompts"), *hint] + MONITOR_NEEDS
 
 
 def star(cfg: DictConfig, run: Run) -> None:

@@ -14,9 +14,21 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from selfimprove import tasks
-from selfimprove.methods.common import warm_start
+from selfimprove.methods.common import warm_start, warm_start_needs
 from selfimprove.pipeline import Run
+from selfimprove.tasks import Need
 from selfimprove.testtime import adapt_and_answer, synthesize, uncertainty
+
+
+def needs(cfg: DictConfig) -> list[Need]:
+    """What TT-SI uses of a task (checked before a run starts: tasks.check_needs)."""
+    m = cfg.method
+    out = warm_start_needs(cfg) + [Need("similar", "the synthesised training problems")]
+    if m.uncertainty.measure == "agreement":
+        out.append(Need("extract", "the agreement of sampled answers (method.uncertainty.measure=agreement)"))
+    if not m.synthesis.verify:
+        out.append(Need("extract", "majority-answer selection (method.synthesis.verify=false)"))
+    return out
 
 
 def tt_si(cfg: DictConfig, run: Run) -> None:

@@ -96,11 +96,13 @@ def judge_seed_data(
     records = read_jsonl(seeds.file("train.jsonl"))
     rng = random.Random(seed)
     examples = []
-    for r in records:
+    for r in records if "corrupt" in task.capabilities else []:  # else none (said when the run starts)
         if rng.random() >= fraction:
             continue
         for kind, response in (("gold", r["completion"]), ("corrupt", task.corrupt(r, rng))):
-            (reward,) = task.reward(prompts=[r["prompt"]], completions=[response], answer=[r["answer"]])
+            (reward,) = task.reward(
+                prompts=[r["prompt"]], completions=[response], answer=[r["answer"]], meta=[r.get("meta", {})]
+            )
             examples.append(
                 {
                     "id": f"{r['id']}-judge-{kind}",
