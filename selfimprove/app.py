@@ -8,7 +8,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from selfimprove.config import register_configs
+from selfimprove import preflight
+from selfimprove.config import PLANNING_FOR_GPUS, register_configs
+from selfimprove.errors import StageFailed, explain
 from selfimprove.generation import resolve_backend
 from selfimprove.methods import METHODS
 from selfimprove.pipeline import Run, StopRequested, matches_stop, write_text_atomic
@@ -66,16 +68,57 @@ def sweep_name() -> str | None:
     return None
 
 
+def store_of(cfg: DictConfig, root: Path) -> Store | None:
+    """The shared-stage store of a run (store=false: none)."""
+    return Store(cfg.store_dir or root.parent / ".store") if cfg.store else None
+
+
 def plan(cfg: DictConfig, root: Path) -> Run:
-    """Walk the method without computing anything: the list of stages and their states."""
+    """Walk the method without computing anything: the list of stages and their states (done, in
+    the store, pending, ...), with each stage's inputs for the preflight checks."""
     planner = Run(
         root,
         neutral=frozenset(keys_outside_run_identity()),
         plan_only=True,
         on_change=str(cfg.on_change.value if hasattr(cfg.on_change, "value") else cfg.on_change),
+        store=store_of(cfg, root),
     )
     METHODS.get(cfg.method.name)(cfg, planner)
     return planner
+
+
+def prepare(cfg: DictConfig, root: Path, say=lambda _: None, here: bool = True) -> tuple[Run, list[str]]:
+    """Resolve the backend, plan the stages and run every preflight check: what `run` does before
+    it writes anything, and all that `plan` does. Returns the plan and the notes to say once.
+    ``here`` False (`selfimprove plan` of a run meant for another machine): a package this machine
+    lacks (vLLM) is a note, not a refusal."""
+    notes = preflight.check_config(cfg)
+    elsewhere = not here and preflight.gpu_elsewhere(cfg.hardware)
+    if elsewhere:  # what the run's GPU machine will do, not this one
+        if str(cfg.generator.backend.value) == "auto":
+            cfg.generator.backend = "vllm"
+            notes.append("planned for GPUs this machine lacks: generator=auto is taken as vLLM there")
+    else:  # the backend actually used goes into the config, so that stage fingerprints name it
+        try:
+            cfg.generator.backend = resolve_backend(cfg.generator, cfg.hardware, say=say)
+        except ConfigError as err:  # e.g. generator=vllm where vLLM is not installed
+            if here:
+                raise
+            notes.append(f"on this machine: {err}")
+    launch.check(cfg.hardware)
+    PLANNING_FOR_GPUS["on"] = elsewhere  # the GPU machine's installs (vLLM), not this one's
+    try:
+        if elsewhere:
+            OmegaConf.resolve(cfg)  # the values the GPU machine will see, kept for the plan's display
+        planned = plan(cfg, root)
+    finally:
+        PLANNING_FOR_GPUS["on"] = False
+    check_stop_after(cfg, planned)
+    missing = [] if elsewhere else preflight.missing_packages(planned)
+    if missing and here:
+        raise ConfigError(missing[0])
+    preflight.check_plan(cfg, planned)
+    return planned, notes + [f"on this machine: {m}" for m in missing]
 
 
 def check_stop_after(cfg: DictConfig, planned: Run) -> None:
@@ -125,17 +168,16 @@ def run(cfg: DictConfig) -> list[dict]:
 
     import torch
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(highlight=False)
     quiet_libraries()
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
     root = run_dir_of(cfg)
-    # the backend actually used goes into the config, so that stage fingerprints name it
-    cfg.generator.backend = resolve_backend(cfg.generator, cfg.hardware, say=lambda msg: console.print(msg))
-    launch.check(cfg.hardware)
-    planned = plan(cfg, root)
-    check_stop_after(cfg, planned)
+    planned, notes = prepare(cfg, root, say=lambda msg: console.print(msg))
+    for note in notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
 
     done = sum(s.state == "done" for s in planned.plan)
     console.print(f"[bold]run directory:[/] {root}  ({done}/{len(planned.plan)} stages already done)")
@@ -143,7 +185,7 @@ def run(cfg: DictConfig) -> list[dict]:
     write_text_atomic(root / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     write_text_atomic(root / "overrides.yaml", OmegaConf.to_yaml(command_overrides()))
     tracker = Tracker(cfg, root, group=sweep_name())
-    store = Store(cfg.store_dir or root.parent / ".store") if cfg.store else None
+    store = store_of(cfg, root)
     started = time.time()
     with Run(
         root,
@@ -179,10 +221,50 @@ def hydra_main() -> None:
 
     @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
     def _main(cfg: DictConfig) -> None:
-        try:
-            run(cfg)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+        code = run_reporting_errors(cfg)
+        if code:  # success returns, so that a -m sweep goes on to its next job
+            sys.exit(code)
 
     _main()
+
+
+def run_reporting_errors(cfg: DictConfig) -> int:
+    """``run(cfg)`` with every failure said in one line: exit 2 for bad input (refused before
+    anything is written), 1 for a failure while running (the traceback goes to
+    ``<run dir>/error.log``; ``HYDRA_FULL_ERROR=1`` prints it too), 130 for Ctrl-C."""
+    import os
+    import traceback
+
+    try:
+        run(cfg)
+        return 0
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
+    except Exception as err:  # a failure while running: one line here, the whole story in the log
+        line = str(err) if isinstance(err, StageFailed) else explain(err)
+        log = write_error_log(cfg, traceback.format_exc())
+        where = f" (traceback: {log})" if log else ""
+        print(f"error: {line}{where}", file=sys.stderr)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            traceback.print_exc()
+        return 1
+
+
+def write_error_log(cfg: DictConfig, text: str) -> Path | None:
+    """The traceback of a failed run, in its run directory (None when it has none yet)."""
+    import time
+
+    try:
+        root = run_dir_of(cfg)
+    except ConfigError:
+        return None
+    if not root.is_dir():
+        return None
+    log = root / "error.log"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    write_text_atomic(log, f"{stamp} selfimprove run {' '.join(command_overrides())}\n\n{text}")
+    return log

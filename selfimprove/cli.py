@@ -9,10 +9,14 @@ import re
 import sys
 from pathlib import Path
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
 from selfimprove.registry import ConfigError, unknown_choice
 
 COMMANDS = {
     "run": "run (or resume) an experiment: selfimprove run [-m] [group=option ...] [key=value ...]",
+    "plan": "what a run would do, without running it: stages, settings, parameters, memory per stage: selfimprove plan [-m] [overrides]",
     "report": "tables (md, latex, csv) and plots of a run or sweep directory: selfimprove report PATH [--format md] [--out DIR]",
     "status": "show which stages of a run directory are done, pending, partial or changed: selfimprove status RUN_DIR",
 }
@@ -49,6 +53,7 @@ def print_help() -> None:
     print(
         "\nexamples:\n"
         "  selfimprove run                                   # the CPU demo: STaR on addition, tiny model\n"
+        "  selfimprove plan method=star model=qwen7b dataset=gsm8k hardware=gpu   # what it would do, and its memory\n"
         "  selfimprove run method.iterations=3 seed=1\n"
         "  selfimprove run stop_after=iter_01/generate       # stop to inspect samples; rerun to continue\n"
         "  selfimprove run -m seed=0,1 experiment=star_control,star_rationalize\n"
@@ -99,29 +104,95 @@ def one_line(err: Exception) -> str:
     return "; ".join(parts)
 
 
-def compose_each(overrides: list[str]) -> None:
-    """Compose the config once per override value (sweeps expanded one key at a time) so that a
-    wrong type or unknown key is reported before Hydra starts a job."""
-    from hydra import compose, initialize_config_dir
+def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """Every job a command starts, as its own overrides: one without -m; with -m the product of the
+    swept values (``seed=0,1``) and of the sweep an experiment declares (``hydra.sweeper.params``),
+    the command line winning, as Hydra's basic sweeper does."""
+    import itertools
+
+    from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    if not multirun:
+        return [list(overrides)]
+    parser = OverridesParser.create()  # (called inside config_context, which compose needs)
+    hydra_cfg = compose(config_name="config", overrides=plain_overrides(overrides), return_hydra_config=True)
+    declared = dict(hydra_cfg.hydra.sweeper.params or {})
+    swept: dict[str, list[str]] = {}
+    for o in parser.parse_overrides([f"{k}={v}" for k, v in declared.items()]):
+        values = o.sweep_string_iterator() if o.is_sweep_override() else [o.value()]
+        swept[o.get_key_element()] = [f"{o.get_key_element()}={v}" for v in values]
+    fixed = []
+    for o in parser.parse_overrides(overrides):
+        key = o.get_key_element()
+        if o.is_sweep_override() and not o.key_or_group.startswith("hydra"):
+            swept[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+        else:
+            swept.pop(key, None)
+            fixed.append(o.input_line)
+    return [fixed + list(combo) for combo in itertools.product(*swept.values())]
+
+
+def plain_overrides(overrides: list[str]) -> list[str]:
+    """The overrides without sweeps (a sweep's first value stands in) and Hydra's own keys."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.key_or_group.startswith("hydra") and not o.key_or_group.startswith("hydra/"):
+            continue
+        if o.is_sweep_override():
+            out.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
+        else:
+            out.append(o.input_line)
+    return out
+
+
+def config_context():
+    """Hydra's compose API over the project's config tree, schemas and resolvers registered."""
+    from hydra import initialize_config_dir
+
+    import selfimprove.app  # noqa: F401  (registers the run_name resolver)
     from selfimprove.config import register_configs
-    from selfimprove.generation import resolve_backend
 
     register_configs()
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    variants: list[list[str]] = [[]]
-    plain_overrides = [
-        o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")
-    ]
-    for o in parsed:
-        if o.is_sweep_override() and not o.key_or_group.startswith("hydra"):
-            variants += [[f"{o.get_key_element()}={v}"] for v in o.sweep_string_iterator()]
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        for extra in variants:
-            cfg = compose(config_name="config", overrides=plain_overrides + extra)
-            if cfg.generator.backend != "auto":  # generator=vllm without vLLM: fail before any job
-                resolve_backend(cfg.generator, cfg.hardware, say=lambda _: None)
+    return initialize_config_dir(config_dir=str(conf_dir()), version_base=None)
+
+
+def job_config(overrides: list[str], sweep: str | None):
+    """(config, run directory) of one job, as Hydra will make them: the run directory derived from
+    the job's overrides, under the sweep directory for a job of a -m sweep."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from selfimprove.app import run_name
+
+    cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    if sweep is None:
+        root = Path(cfg.run_dir or cfg.hydra.run.dir)
+    else:
+        root = Path(sweep) / run_name(cfg.hydra.job.override_dirname)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, root
+
+
+def prepared_jobs(overrides: list[str], multirun: bool, check: bool = True, here: bool = True) -> list[tuple]:
+    """Compose every job of the command and (``check``) plan it and run the preflight checks, so
+    that a wrong type, an unknown key or a run that cannot work is refused before Hydra starts a
+    job or writes a file. Returns (overrides, config, run directory, plan, notes) per job."""
+    from selfimprove.app import prepare
+
+    sweep = sweep_dir(overrides) if multirun else None
+    out = []
+    with config_context():
+        for job in job_overrides(overrides, multirun):
+            cfg, root = job_config(plain_overrides(job), sweep)
+            planned, notes = prepare(cfg, root, here=here) if check else (None, [])
+            out.append((job, cfg, root, planned, notes))
+    return out
 
 
 def sweep_dir(overrides: list[str]) -> str:
@@ -151,19 +222,22 @@ def run_command(args: list[str]) -> int:
     }
     overrides = [a for a in args if not a.startswith("-") and "=" in a]
     multirun = "-m" in args or "--multirun" in args
+    inspecting = any(a in ("--cfg", "-c", "--info", "-i") for a in args)  # print the config: no plan
     if not any(a in ("--help", "-h", "--hydra-help") for a in args) and not any(
         a.startswith(("--config-dir", "-cd", "--config-path", "-cp")) for a in args
     ):
         try:
             check_group_choices(overrides)
-            compose_each(overrides)
+            prepared_jobs(overrides, multirun, check=not inspecting)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        except Exception as err:  # Hydra's composition errors
+        except (HydraException, OmegaConfBaseException) as err:  # composition: wrong type, unknown key
             print(f"error: {one_line(err)}", file=sys.stderr)
             return 2
     extra = []
+    if inspecting and any(a in ("--cfg", "-c") for a in args) and "--resolve" not in args:
+        extra.append("--resolve")  # the values a run gets, not the interpolations that derive them
     if multirun and not any(o.startswith("hydra.sweep.dir=") for o in overrides):
         extra.append(f"hydra.sweep.dir='{sweep_dir(overrides)}'")  # quoted: the name holds '=' and ','"
     unknown = [a for a in args if a.startswith("-") and a not in hydra_flags and not a.startswith("--")]
@@ -178,6 +252,48 @@ def run_command(args: list[str]) -> int:
     sys.argv = ["selfimprove", *args, *extra]
     hydra_main()
     return 0
+
+
+def plan_command(args: list[str]) -> int:
+    """Plan each job of the command (the same overrides as `run`) and show it; a job that `run`
+    would refuse is shown as its one-line refusal. Exit 2 when any is refused."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from selfimprove import plan_view
+    from selfimprove.app import prepare
+
+    unknown = [a for a in args if a.startswith("-") and a not in ("-m", "--multirun")]
+    if unknown:
+        print(f"error: unknown flag {unknown[0]}; selfimprove plan takes -m and overrides", file=sys.stderr)
+        return 2
+    overrides = [a for a in args if not a.startswith("-")]
+    multirun = "-m" in args or "--multirun" in args
+    console = Console(highlight=False, width=160)
+    refused = 0
+    try:
+        check_group_choices(overrides)
+        with config_context():
+            jobs = job_overrides(overrides, multirun)
+            sweep = sweep_dir(overrides) if multirun else None
+            for job in jobs:
+                if multirun:
+                    console.rule(" ".join(job))
+                cfg, root = job_config(plain_overrides(job), sweep)
+                try:
+                    planned, notes = prepare(cfg, root, here=False)
+                except ConfigError as err:
+                    refused += 1
+                    console.print(f"[red]refused:[/] {escape(str(err))}")
+                    continue
+                plan_view.show(console, cfg, root, planned, notes)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+    return 2 if refused else 0
 
 
 def status_command(args: list[str]) -> int:
@@ -201,7 +317,7 @@ def status_command(args: list[str]) -> int:
     table = Table(title=str(root))
     for col in ("stage", "state", "fingerprint"):
         table.add_column(col)
-    colours = {"done": "green", "pending": "white", "partial": "yellow", "changed": "red"}
+    colours = {"done": "green", "shared": "cyan", "pending": "white", "partial": "yellow", "changed": "red"}
     for s in planned.plan:
         table.add_row(s.name, f"[{colours[s.state]}]{s.state}[/]", s.fingerprint)
     console = Console(highlight=False)
@@ -251,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(rest)
     if command == "status":
         return status_command(rest)
+    if command == "plan":
+        return plan_command(rest)
     if command == "report":
         return report_command(rest)
     print(f"error: {unknown_choice('command', command, list(COMMANDS))}", file=sys.stderr)

@@ -32,6 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from selfimprove.errors import StageFailed, explain
 from selfimprove.registry import ConfigError
 
 DONE = "_DONE.json"
@@ -172,7 +173,9 @@ def matches_stop(stop_after: str, name: str) -> bool:
 class StageStatus:
     name: str
     fingerprint: str
-    state: str  # done | pending | changed | partial
+    state: str  # done | pending | changed | partial | shared (in the store, linked when the run gets there)
+    fn: Callable | None = None
+    inputs: dict = field(default_factory=dict)  # plain values and artifacts, for the plan's estimates
 
 
 @dataclass
@@ -240,7 +243,9 @@ class Run:
         artifact = Artifact(name=name, path=path, fingerprint=fp)
         state = self._state(path, fp)
         if self.plan_only:
-            self.plan.append(StageStatus(name, fp, state))
+            if state != "done" and self.store is not None and self.store.has(fp):
+                state = "shared"
+            self.plan.append(StageStatus(name, fp, state, fn, {k: plain(v) for k, v in inputs.items()}))
             return artifact
         if state == "done":
             self.counts["reused"] += 1
@@ -300,7 +305,14 @@ class Run:
         (partial / ".fingerprint").write_text(fp)
         self.log(f"[bold cyan]▶ {name}[/]" + (" (continuing from its checkpoint)" if keep else ""))
         started = time.time()
-        counts = fn(partial, **{k: plain(v) for k, v in inputs.items()}) or {}
+        try:
+            counts = fn(partial, **{k: plain(v) for k, v in inputs.items()}) or {}
+        except Exception as err:
+            if not keep and not getattr(fn, "stage_resumable", False):
+                shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
+            if isinstance(err, ConfigError):
+                raise ConfigError(f"{name}: {err}") from err
+            raise StageFailed(name, explain(err)) from err
         finished = time.time()
         (partial / ".fingerprint").unlink()
         os.replace(partial, path)

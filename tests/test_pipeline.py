@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from selfimprove.errors import StageFailed
 from selfimprove.pipeline import DONE, Run, StopRequested, read_jsonl, stage
 from selfimprove.registry import ConfigError
 
@@ -100,14 +101,16 @@ def test_refuse_mode_names_the_stage(tmp_path):
     assert (tmp_path / "a" / "value.txt").read_text() == "1", "a refused stage is left untouched"
 
 
-def test_a_failed_stage_leaves_no_output_that_counts(tmp_path):
-    with pytest.raises(RuntimeError):
+def test_a_failed_stage_leaves_nothing_half_written(tmp_path):
+    """A stage that raises is one line naming it (StageFailed); its partial folder is removed
+    (a resumable stage keeps it: its checkpoints are how it continues)."""
+    with pytest.raises(StageFailed, match="^x: RuntimeError: "):
         with quiet_run(tmp_path) as run:
             run.stage("x", explode, value=1)
-    assert not (tmp_path / "x").exists() and (tmp_path / "x.partial").exists()
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
     with quiet_run(tmp_path, plan_only=True) as planner:
         planner.stage("x", explode, value=1)
-    assert planner.plan[0].state == "partial"
+    assert planner.plan[0].state == "pending"
 
 
 def test_folder_without_marker_is_recomputed(tmp_path):

@@ -117,12 +117,13 @@ def test_task_without_step_checker_is_refused_before_anything_runs(tmp_path):
         "run", "method=spc", "dataset=reversed_addition", "out_root=out", cwd=tmp_path, check=False
     )
     assert proc.returncode == 2
-    written = [p for p in tmp_path.rglob("*") if p.is_file() and ".hydra" not in p.parts]
-    assert not written, "nothing is written but Hydra's own .hydra/ record of the command"
-    assert proc.stderr.strip() == (
-        "error: method=spc needs a step checker, which dataset 'reversed_addition' has not; "
-        "datasets with one: arithmetic"
+    assert not list(tmp_path.rglob("*")), "refused before Hydra starts the job: nothing is written"
+    line = proc.stderr.strip()
+    assert "\n" not in line and line.startswith(
+        "error: method=spc needs the first wrong step of a solution (SPC's critic and sneaky generator) "
+        "for the critic's labels and the sneaky generator's rewrites, which dataset 'reversed_addition' lacks ("
     )
+    assert line.endswith("; datasets with it: arithmetic")
 
 
 def test_bad_roles_and_levels_are_refused_at_plan_time(tmp_path):

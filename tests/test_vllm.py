@@ -193,3 +193,21 @@ def test_star_run_end_to_end_with_generator_vllm(tmp_path):
     assert "backend: vllm" in (tmp_path / "run" / "config.yaml").read_text()
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1] and "acc/3" in rows[1], proc.stdout
+
+
+def test_an_engine_that_cannot_start_is_one_line_naming_the_model_and_the_fixes(setup, tmp_path):
+    """A model folder without its weights: vLLM refuses to start, and the stage says so in one line
+    (RunError: the pipeline prints it as `<stage>: <line>`) instead of a worker's traceback."""
+    from selfimprove.errors import RunError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(setup["base"] / "model", broken / "model")
+    for weights in (broken / "model").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(RunError) as raised:
+        generate(
+            "vllm", {**setup, "broken": broken}, {"n": 1, "temperature": 0.0, "max_tokens": 4}, model="broken"
+        )
+    line = str(raised.value)
+    assert "\n" not in line and line.startswith("the vLLM engine did not start for ")
+    assert str(broken / "model") in line and "generator=hf" in line

@@ -21,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from selfimprove.errors import RunError
 from selfimprove.generation import output_records
 from selfimprove.models import model_location, model_meta, prompt_texts, resolve_device
 from selfimprove.pipeline import Artifact
@@ -123,7 +124,14 @@ def run_engine(job: dict) -> dict:
     from vllm.lora.request import LoRARequest
 
     imported = time.perf_counter()
-    llm = LLM(**job["engine"])
+    try:
+        llm = LLM(**job["engine"])
+    except Exception as err:  # vLLM's own message, in one line (the child's traceback is in its log)
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        raise RunError(
+            f"the vLLM engine did not start for {job['engine']['model']} ({reason}); try generator=hf, a lower "
+            "hardware.gpu_memory_utilization or kv_cache_memory_bytes, or hardware.enforce_eager=true"
+        ) from None
     ready = time.perf_counter()
     try:
         s = job["sampling"]
