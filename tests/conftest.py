@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,10 +40,54 @@ TINY_RUN = [
 ]
 
 
+#: where tests/test_matrix.py leaves one JSON file per method x dataset pair for the summary below
+MATRIX_DIR = Path(__file__).resolve().parent.parent / ".pytest_cache" / "matrix"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
+        shutil.rmtree(MATRIX_DIR, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Print the composition matrix: method x dataset -> accuracy before -> after, or the refusal."""
+    cells = (
+        [json.loads(p.read_text()) for p in sorted(MATRIX_DIR.glob("*.json"))] if MATRIX_DIR.exists() else []
+    )
+    if not cells:
+        return
+    datasets = list(dict.fromkeys(c["dataset"] for c in cells))
+    methods = sorted({c["method"] for c in cells})
+    by_pair = {(c["method"], c["dataset"]): c for c in cells}
+    terminalreporter.section("composition matrix: mean held-out accuracy before -> after, or refused")
+    terminalreporter.write_line("| method | " + " | ".join(datasets) + " |")
+    terminalreporter.write_line("|---" * (len(datasets) + 1) + "|")
+    for m in methods:
+        row = []
+        for d in datasets:
+            c = by_pair.get((m, d))
+            row.append("" if c is None else "refused" if "refused" in c else f"{c['before']} -> {c['after']}")
+        terminalreporter.write_line(f"| {m} | " + " | ".join(row) + " |")
+    for c in cells:
+        if "refused" in c:
+            terminalreporter.write_line(f"refused {c['method']} x {c['dataset']}: {c['refused']}")
+
+
+#: modules whose tests are independent of one another (no module-scoped fixture they must share
+#: with a worker): xdist spreads their tests over the workers one by one
+SPREAD = {"tests.test_matrix"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules marked ``longest`` first: ``pytest -n auto --dist loadfile`` hands modules to workers in
-    collection order, and the STaR module (~5 min) collected last kept one core idle for minutes."""
+    """Modules marked ``longest`` first: ``pytest -n auto --dist loadgroup`` hands groups to workers in
+    collection order, and the STaR module (~5 min) collected last kept one core idle for minutes.
+    Every module is one group (its tests share module-scoped fixtures on one worker), except the
+    SPREAD ones, whose tests go to whichever worker is free."""
     items.sort(key=lambda item: item.get_closest_marker("longest") is None)
+    for item in items:
+        if item.module.__name__ not in SPREAD:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 def compose_cfg(overrides: list[str]) -> DictConfig:
