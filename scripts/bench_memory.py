@@ -42,20 +42,10 @@ CASES = {
 
 
 def arch_of(model: dict):
-    """The estimator's view of a case's model: a tied-embedding Llama, all heads key/value heads."""
+    """The estimator's view of a case's model: the shape of the very config it is trained with."""
     from selfimprove.memory import Arch
 
-    return Arch(
-        hidden_size=model["hidden_size"],
-        num_layers=model["num_layers"],
-        num_heads=model["num_heads"],
-        num_kv_heads=model["num_heads"],
-        intermediate_size=model["intermediate_size"],
-        vocab_size=model["vocab_size"],
-        tied_embeddings=True,
-        qkv_bias=False,
-        context=1024,
-    )
+    return Arch.from_hf_config(llama_config(model))
 
 
 def estimate(case: dict) -> dict[str, int]:
@@ -87,7 +77,9 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def llama_config(model: dict, tokenizer):
+def llama_config(model: dict, tokenizer=None):
+    """A tied-embedding Llama of the case's shape, every head a key/value head (the tokenizer gives
+    its special token ids when one is built)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -99,9 +91,9 @@ def llama_config(model: dict, tokenizer):
         num_key_value_heads=model["num_heads"],
         max_position_embeddings=1024,
         tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id if tokenizer else None,
+        eos_token_id=tokenizer.eos_token_id if tokenizer else None,
+        pad_token_id=tokenizer.pad_token_id if tokenizer else None,
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from hydra.errors import HydraException
@@ -179,20 +180,13 @@ def job_config(overrides: list[str], sweep: str | None):
     return cfg, root
 
 
-def prepared_jobs(overrides: list[str], multirun: bool, check: bool = True, here: bool = True) -> list[tuple]:
-    """Compose every job of the command and (``check``) plan it and run the preflight checks, so
-    that a wrong type, an unknown key or a run that cannot work is refused before Hydra starts a
-    job or writes a file. Returns (overrides, config, run directory, plan, notes) per job."""
-    from selfimprove.app import prepare
-
+def composed_jobs(overrides: list[str], multirun: bool) -> Iterator[tuple[list[str], object, Path]]:
+    """(overrides, config, run directory) of every job the command starts, composed as Hydra will
+    compose them: what `run` checks before Hydra writes anything, and what `plan` shows."""
     sweep = sweep_dir(overrides) if multirun else None
-    out = []
     with config_context():
         for job in job_overrides(overrides, multirun):
-            cfg, root = job_config(plain_overrides(job), sweep)
-            planned, notes = prepare(cfg, root, here=here) if check else (None, [])
-            out.append((job, cfg, root, planned, notes))
-    return out
+            yield (job, *job_config(plain_overrides(job), sweep))
 
 
 def sweep_dir(overrides: list[str]) -> str:
@@ -207,6 +201,8 @@ def sweep_dir(overrides: list[str]) -> str:
 
 
 def run_command(args: list[str]) -> int:
+    from selfimprove.app import prepare
+
     hydra_flags = {
         "-m",
         "--multirun",
@@ -228,7 +224,9 @@ def run_command(args: list[str]) -> int:
     ):
         try:
             check_group_choices(overrides)
-            prepared_jobs(overrides, multirun, check=not inspecting)
+            for _, cfg, root in composed_jobs(overrides, multirun):  # a wrong type or unknown key fails here
+                if not inspecting:  # a run that cannot work is refused before Hydra starts a job
+                    prepare(cfg, root)
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -273,20 +271,16 @@ def plan_command(args: list[str]) -> int:
     refused = 0
     try:
         check_group_choices(overrides)
-        with config_context():
-            jobs = job_overrides(overrides, multirun)
-            sweep = sweep_dir(overrides) if multirun else None
-            for job in jobs:
-                if multirun:
-                    console.rule(" ".join(job))
-                cfg, root = job_config(plain_overrides(job), sweep)
-                try:
-                    planned, notes = prepare(cfg, root, here=False)
-                except ConfigError as err:
-                    refused += 1
-                    console.print(f"[red]refused:[/] {escape(str(err))}")
-                    continue
-                plan_view.show(console, cfg, root, planned, notes)
+        for job, cfg, root in composed_jobs(overrides, multirun):
+            if multirun:
+                console.rule(" ".join(job))
+            try:
+                planned, notes = prepare(cfg, root, here=False)
+            except ConfigError as err:
+                refused += 1
+                console.print(f"[red]refused:[/] {escape(str(err))}")
+                continue
+            plan_view.show(console, cfg, root, planned, notes)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

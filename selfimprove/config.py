@@ -668,12 +668,9 @@ def shards_weights(accelerate: str | None) -> bool:
     """True when training runs under an accelerate config that shards weights, gradients and
     optimizer state over its processes (FSDP, DeepSpeed ZeRO-3), so a model too big for one device
     can be fully fine-tuned."""
-    if not accelerate:
-        return False
-    from selfimprove.training.launch import accelerate_config
+    from selfimprove.training.launch import sharding
 
-    text = accelerate_config(accelerate).read_text()
-    return "distributed_type: FSDP" in text or "zero_stage: 3" in text
+    return sharding(accelerate) != "none"
 
 
 def register_configs() -> None:

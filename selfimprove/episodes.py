@@ -224,19 +224,19 @@ def correction_data(
         groups.setdefault(e["id"], []).append(e)
     kept, fixes = [], 0
     for group in groups.values():
+        # every attempt of the problem, judged by the verifier's reward of its turn
+        judged = {t["completion"]: correct(t) for e in group for t in e["turns"] if t["reward"] is not None}
         if kind == "star_sft":
             pairs = [
                 (e["turns"][0]["completion"], e["turns"][1]["completion"])
                 for e in group
                 if correct(e["turns"][1])
             ]
-        else:  # every attempt is judged by the verifier's reward of its turn
-            turns = [t for e in group for t in e["turns"] if t["reward"] is not None]
-            right = sorted({t["completion"] for t in turns if correct(t)})
-            wrong = sorted({t["completion"] for t in turns if not correct(t)})
+        else:
+            right = sorted(a for a, ok in judged.items() if ok)
+            wrong = sorted(a for a, ok in judged.items() if not ok)
             pairs = [(w, rng.choice(right)) for w in wrong] if right else []
         unique = list(dict.fromkeys(pairs))[:max_per_prompt]
-        judged = {t["completion"]: correct(t) for e in group for t in e["turns"] if t["reward"] is not None}
         fixes += sum(not judged.get(first, False) for first, _ in unique)
         kept += [
             {

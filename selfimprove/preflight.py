@@ -3,8 +3,9 @@ shows: the task's capabilities against the method's needs, the model's context a
 dataset's budgets, batch splits, backends, and each stage's peak memory against the hardware's.
 
 ``check_config(cfg)`` and ``check_plan(cfg, planned)`` raise ConfigError (one line, naming the
-fixes); the first returns notes to say once (a stage left out because the task lacks what it needs). ``estimates(cfg, planned)`` gives the
-memory estimate of each stage that loads a model (selfimprove/memory.py does the arithmetic).
+fixes); the first returns notes to say once (a stage left out because the task lacks what it
+needs). ``estimates(cfg, planned)`` gives the memory estimate of each stage that loads a model
+(selfimprove/memory.py does the arithmetic).
 """
 
 from __future__ import annotations
@@ -64,19 +65,12 @@ def check_plan(cfg: DictConfig, planned: Run) -> None:
 
 
 # -- the model against the dataset ------------------------------------------------------------------
-def context_of(model: dict) -> int | None:
-    """Tokens a model can hold: a local model's max_position_embeddings, a hub model's context."""
-    if model["source"] == "tiny":
-        return model["max_position_embeddings"]
-    arch = model.get("arch") or hub_config(model)
-    return (arch or {}).get("context") or (arch or {}).get("max_position_embeddings")
-
-
 def check_context(cfg: DictConfig) -> None:
     """The dataset's budgets (prompt + completion, two attempts for two-turn methods) must fit the
     model's context: the character model holds 256 characters, which no text dataset fits."""
     model, dataset = plain(cfg.model), plain(cfg.dataset)
-    context = context_of(model)
+    arch = arch_of(model)
+    context = arch.context if arch else None
     two_turn = cfg.method.name in ("score", "self_refine")
     needed = dataset["two_turn_tokens"] if two_turn else dataset["sequence_tokens"]
     if context and needed > context:
@@ -172,23 +166,14 @@ def hub_file(model: dict, name: str) -> dict | None:
     return json.loads(Path(found).read_text()) if isinstance(found, str) else None
 
 
-def hub_config(model: dict) -> dict | None:
-    """A hub model's config.json fields in Arch's names (from the local folder or the cache)."""
+def hub_arch(model: dict) -> Arch | None:
+    """A hub model's shape from its config.json in the local folder or the Hugging Face cache."""
     config = hub_file(model, "config.json")
     if config is None:
         return None
-    heads = config["num_attention_heads"]
-    return {
-        "hidden_size": config["hidden_size"],
-        "num_layers": config["num_hidden_layers"],
-        "num_heads": heads,
-        "num_kv_heads": config.get("num_key_value_heads") or heads,
-        "intermediate_size": config["intermediate_size"],
-        "vocab_size": config["vocab_size"],
-        "tied_embeddings": bool(config.get("tie_word_embeddings", False)),
-        "qkv_bias": config.get("model_type") == "qwen2" or bool(config.get("attention_bias")),
-        "context": config.get("max_position_embeddings"),
-    }
+    from transformers import AutoConfig
+
+    return Arch.from_hf_config(AutoConfig.for_model(**config))
 
 
 def arch_of(model: dict) -> Arch | None:
@@ -210,8 +195,7 @@ def arch_of(model: dict) -> Arch | None:
             qkv_bias=model.get("architecture") == "qwen2",
             context=model["max_position_embeddings"],
         )
-    fields = model.get("arch") or hub_config(model)
-    return Arch(**fields) if fields else None
+    return Arch(**model["arch"]) if model.get("arch") else hub_arch(model)
 
 
 def device_of(hardware: dict) -> str:
@@ -250,14 +234,6 @@ def trainer_kind(status: StageStatus) -> str | None:
     return TRAINERS.get(f"{fn.__module__}.{fn.__qualname__}") if fn is not None else None
 
 
-def sharding_of(hardware: dict) -> str:
-    name = hardware.get("accelerate")
-    if not name:
-        return "none"
-    text = launch.accelerate_config(name).read_text()
-    return "fsdp" if "distributed_type: FSDP" in text else "zero3" if "zero_stage: 3" in text else "none"
-
-
 def training_estimate(arch: Arch, status: StageStatus, kind: str, dataset: dict) -> Estimate:
     train, hardware = status.inputs["train"], status.inputs["hardware"]
     rl = status.inputs.get("rl") or {}
@@ -268,7 +244,11 @@ def training_estimate(arch: Arch, status: StageStatus, kind: str, dataset: dict)
         attempts = 2 if status.fn.__qualname__ == "score_rl" else 1
         seq_len = dataset["prompt_tokens"] + attempts * rl["max_completion_length"]
         seq_len += dataset["turn_tokens"] if attempts == 2 else 0
-    device, lora = device_of(hardware), train.get("lora")
+    device, lora, sharding = (
+        device_of(hardware),
+        train.get("lora"),
+        launch.sharding(hardware.get("accelerate")),
+    )
     parts = training_peak(
         arch,
         trainer=kind,
@@ -277,7 +257,7 @@ def training_estimate(arch: Arch, status: StageStatus, kind: str, dataset: dict)
         dtype=str(hardware["dtype"]),
         device=device,
         processes=processes,
-        sharding=sharding_of(hardware),
+        sharding=sharding,
         gradient_checkpointing=bool(hardware.get("gradient_checkpointing")) and device != "cpu",
         lora=lora,
         reference_model=kind == "grpo" and rl.get("beta", 0) > 0,
@@ -299,7 +279,7 @@ def training_estimate(arch: Arch, status: StageStatus, kind: str, dataset: dict)
         parts,
         available,
         lora=bool(lora),
-        sharded=sharding_of(hardware) != "none",
+        sharded=sharding != "none",
         micro_batch=micro,
     )
 

@@ -134,3 +134,16 @@ def test_the_plans_estimate_is_the_estimator_at_the_stage_settings(tmp_path):
         device="cpu",
     )
     assert warm.parts == expected and format_bytes(warm.total) in warm.line()
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_qwen"])
+def test_a_hub_models_shape_read_from_its_config_json_is_the_local_models(name, tmp_path):
+    """The plan reads a hub model's shape from config.json (a local folder or the cache) through
+    memory.Arch.from_hf_config; for a model built here it equals the shape read from its keys."""
+    from selfimprove.models import build_tiny
+
+    model = OmegaConf.to_container(compose_cfg([f"model={name}"]).model, resolve=True)
+    build_tiny(model, tmp_path, seed=0)
+    hub = {"source": "hub", "name_or_path": str(tmp_path / "model"), "arch": None}
+    assert arch_of(hub) == arch_of(model)
+    assert arch_of(hub).context == model["max_position_embeddings"]

@@ -53,6 +53,15 @@ def check(hardware: dict) -> None:
             raise ConfigError(f"hardware.num_processes={hardware['num_processes']} must be >= 1 (or null)")
 
 
+def sharding(name: str | None) -> str:
+    """How the accelerate config ``name`` (hardware.accelerate) trains: "fsdp" or "zero3" shard
+    weights, gradients and optimizer state over its processes; "none" (DDP, or no accelerate) does not."""
+    if not name:
+        return "none"
+    text = accelerate_config(name).read_text()
+    return "fsdp" if "distributed_type: FSDP" in text else "zero3" if "zero_stage: 3" in text else "none"
+
+
 def processes(hardware: dict) -> int:
     """How many processes a train stage runs in: hardware.num_processes, else the accelerate
     config's, else 1 (no accelerate)."""
