@@ -170,16 +170,43 @@ def test_any_reasoning_gym_task_by_name_and_unknown_name():
         load(["dataset=reasoning_gym", "dataset.task=countdwn"]).test_sets()
 
 
-def test_humaneval_canonical_solutions_all_pass_and_empty_all_fail():
-    task = load(["dataset=humaneval"])
+# Samples that exit with status 0 instead of letting the tests run (issue 18): each must fail.
+EXIT_TRICKS = {
+    "sys.exit(0) in the body": "    import sys\n    sys.exit(0)\n",
+    "os._exit(0) registered at exit": "    import atexit, os\n    atexit.register(os._exit, 0)\n    return None\n",
+    "exit(0) in the body": "    exit(0)\n",
+    "raise SystemExit(0) in the body": "    raise SystemExit(0)\n",
+    "os._exit(0) at the top level": "    return None\nimport os\nos._exit(0)\n",
+}
+
+
+def test_humaneval_canonical_all_pass_and_exit_tricks_all_fail(capsys):
+    """All 164 canonical solutions pass; each exit trick exits 0 on all 164 and passes none."""
+    import time
+
+    task = load(["dataset=humaneval", "dataset.workers=6"])
     records = task.test_sets()["humaneval"]
     assert len(records) == 164 and task.seed_data() == []
     ids = [r["id"] for r in records]
-    canonical = [task._problems[i]["canonical_solution"] for i in ids]
-    results = task.run_tests(canonical, ids)
-    failed = [(i, r.stderr[-200:]) for i, r in zip(ids, results) if not r.passed]
-    assert not failed
-    assert task.reward([], [""] * len(ids), ids) == [0.0] * len(ids)
+    kinds = {"canonical": [task._problems[i]["canonical_solution"] for i in ids]}
+    kinds |= {trick: [body] * len(ids) for trick, body in EXIT_TRICKS.items()}
+    passed, exit_zero = {}, {}
+    with capsys.disabled():
+        print(f"\nHumanEval, 164 problems per row, {task.cfg['workers']} sandbox workers")
+        for kind, completions in kinds.items():
+            started = time.monotonic()
+            results = task.run_tests(completions, ids)
+            passed[kind] = sum(r.passed for r in results)
+            exit_zero[kind] = sum(r.returncode == 0 for r in results)
+            print(
+                f"  {kind:<34} passed {passed[kind]:>3}/164   exited 0: {exit_zero[kind]:>3}/164"
+                f"   {time.monotonic() - started:5.1f} s"
+            )
+            if kind == "canonical":
+                assert not [(i, r.stderr[-200:]) for i, r in zip(ids, results) if not r.passed]
+    assert {kind: n for kind, n in passed.items() if kind != "canonical"} == dict.fromkeys(EXIT_TRICKS, 0)
+    assert all(exit_zero[trick] == 164 for trick in EXIT_TRICKS)  # they all did exit 0
+    assert task.reward([], [""] * 20, ids[:20]) == [0.0] * 20  # an empty body fails too
 
 
 def test_humaneval_instruct_style_fenced_answers_and_train_split():

@@ -1,18 +1,22 @@
 """Run untrusted (model-generated) Python programs, one subprocess each, contained.
 
     results = run_many(programs, limits_from(cfg.dataset.sandbox), workers=4)  # [SandboxResult, ...]
-    results[0].passed                                            # exit status 0, not timed out
+    results[0].passed        # the harness saw the program run to its end (and it exited 0)
 
-Every program runs through the trusted launcher (``_launcher.py``). With ``isolation=namespaces``
-(root with unshare(2), the default where available) a program gets: no network (a new network
-namespace with no interface up), private tmpfs over /tmp, /var/tmp and /dev/shm (its working
-directory lives there and vanishes with it), its own PID namespace (everything it spawned dies
-with it), an unprivileged uid of its own (cannot read 0600 files, write or delete anything it does
-not own; RLIMIT_NPROC applies, as it would not to root), and rlimits on CPU time, address space,
-file size and open files. The launcher kills it after ``timeout`` wall-clock seconds; the output
-kept from stdout/stderr is capped. ``isolation=guarded`` (no root or no namespaces) keeps the
-rlimits, the uid drop when root, the session kill and a socket-disabling prelude -- a guard, not
-a sandbox; ``auto`` picks namespaces when they work. docs/sandbox.md has the hostile-case matrix.
+Every program runs through the trusted launcher (``_launcher.py``) under its harness: a program
+passes only if the harness confirms, with a per-run secret token the program never sees, that the
+program's last line returned -- an exit with status 0 is not a pass. With
+``isolation=namespaces`` (root with unshare(2), the default where available) a program gets: the
+whole host read-only, with a fresh size-capped tmpfs over every world-writable directory (found
+once per process by ``writable_dirs``); no network (a network namespace with no interface up) and
+no sockets at all (a seccomp filter on socket(2)); its own PID namespace (everything it spawned
+dies with it); an unprivileged uid of its own; one memory cap over all its processes (a memory
+cgroup, where this machine lets us make one; else RLIMIT_AS per process, said once in the log);
+and rlimits on CPU time, address space, file size, processes and open files. The launcher kills it
+after ``timeout`` wall-clock seconds; the output kept from stdout/stderr is capped.
+``isolation=guarded`` (no root or no namespaces) keeps the rlimits, the cgroup and uid drop when
+root, the seccomp filter and the session kill -- a guard, not a sandbox; ``auto`` picks namespaces
+when they work. docs/sandbox.md has the hostile-case matrix.
 
 Model-generated code must never run outside this module.
 """
@@ -22,7 +26,9 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import logging
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -40,14 +46,10 @@ ISOLATIONS = ("auto", "namespaces", "guarded")
 UID_BASE, UID_SPAN = 200_000, 1_000_000
 _uids = itertools.count()
 
-# Prepended in guarded mode, where there is no network namespace: no new sockets from Python.
-GUARD_PRELUDE = """\
-import socket as _s
-def _no_network(*a, **k):
-    raise OSError("network access is disabled in the sandbox")
-_s.socket = _s.create_connection = _s.socketpair = _no_network
-del _s, _no_network
-"""
+# file systems with no directories a program could write to (or none we could cover with a tmpfs)
+PSEUDO_FS = {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "debugfs", "tracefs"}
+PSEUDO_FS |= {"securityfs", "pstore", "bpf", "configfs", "fusectl", "binfmt_misc", "autofs", "nsfs"}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,11 @@ class SandboxResult:
     timed_out: bool
     wall_s: float
     isolation: str
+    confirmed: bool  # the harness saw the program's last line return (the run's token came back)
 
     @property
     def passed(self) -> bool:
-        return self.returncode == 0 and not self.timed_out
+        return self.returncode == 0 and not self.timed_out and self.confirmed
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -111,12 +114,106 @@ def _read_capped(stream, cap: int, sink: list[bytes]) -> None:
     stream.close()
 
 
+def _mounts() -> list[tuple[str, str, str]]:
+    """(mount point, file system type, options) of this process's mounts."""
+    with open("/proc/self/mounts") as f:
+        rows = [line.split()[1:4] for line in f]
+    return [(mp.encode().decode("unicode_escape"), fs, opts) for mp, fs, opts in rows]
+
+
+@functools.cache
+def writable_dirs() -> tuple[str, ...]:
+    """Every world-writable directory of the host (``find MOUNTS -xdev -perm -0002 -type d``, the
+    topmost of each subtree), each of which gets a fresh tmpfs in the sandbox. The whole host is
+    read-only there anyway, so one made after this scan is simply not writable."""
+    roots = sorted({mp for mp, fs, _ in _mounts() if fs not in PSEUDO_FS and os.path.isdir(mp)})
+    found = subprocess.run(
+        ["find", *roots, "-xdev", "-perm", "-0002", "-type", "d", "-print", "-prune"],
+        capture_output=True,
+        text=True,
+    ).stdout.split("\n")
+    dirs = sorted({d for d in found if d and not os.path.islink(d)})
+    return tuple(d for d in dirs if not any(d.startswith(p.rstrip("/") + "/") for p in dirs if p != d))
+
+
+@functools.cache
+def memory_cgroup_parent() -> str | None:
+    """The folder under which a program's memory cgroup is made: this process's own memory cgroup
+    (cgroup v1 ``memory`` or v2 with the memory controller), if we may make a child there. None
+    (and one line in the log) where we may not: memory_mb is then a per-process cap."""
+    own = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            own[controllers] = path
+    for mp, fs, opts in _mounts():
+        v1 = fs == "cgroup" and "memory" in opts.split(",")
+        v2 = fs == "cgroup2" and "memory" in _read(os.path.join(mp, "cgroup.controllers")).split()
+        path = next((p for c, p in own.items() if "memory" in c.split(",")), None) if v1 else own.get("")
+        if (v1 or v2) and path is not None:
+            parent = os.path.join(mp, path.lstrip("/"))
+            try:  # a trial child: made, capped and removed
+                _remove_cgroup(_make_cgroup(parent, "selfimprove-probe-" + str(os.getpid()), 64))
+                return parent
+            except OSError:
+                continue
+    log.warning(
+        "sandbox: no memory cgroup may be made here; memory_mb caps each process, not the program's total"
+    )
+    return None
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _make_cgroup(parent: str, name: str, memory_mb: int) -> str:
+    """A child memory cgroup capped at ``memory_mb`` (RAM, and RAM + swap where counted)."""
+    path = os.path.join(parent, name)
+    os.mkdir(path)
+    limit = str(memory_mb * 1024 * 1024)
+    caps = [("memory.limit_in_bytes", limit), ("memory.memsw.limit_in_bytes", limit)]  # cgroup v1
+    caps += [("memory.max", limit), ("memory.swap.max", "0")]  # cgroup v2
+    try:
+        for name, value in caps:
+            if os.path.exists(os.path.join(path, name)):
+                with open(os.path.join(path, name), "w") as f:
+                    f.write(value)
+        if not any(os.path.exists(os.path.join(path, n)) for n in ("memory.limit_in_bytes", "memory.max")):
+            raise OSError(f"{path} has no memory limit file")
+    except OSError:
+        _remove_cgroup(path)
+        raise
+    return path
+
+
+def _remove_cgroup(path: str | None) -> None:
+    """rmdir once its last process is gone (the kernel may take a moment to let go)."""
+    for _ in range(100):
+        try:
+            if path:
+                os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.02)
+    log.warning("sandbox: could not remove the memory cgroup %s", path)
+
+
 def _launch(program: str, limits: Limits, isolation: str, python: str) -> SandboxResult:
     uid = UID_BASE + (os.getpid() * 4096 + next(_uids)) % UID_SPAN
     nproc = limits.nproc
     if isolation == "guarded" and os.getuid() != 0:
         # RLIMIT_NPROC counts every process of the (shared) uid: allow the ones already running
         nproc += sum(1 for p in Path("/proc").iterdir() if p.name.isdigit())
+    parent = memory_cgroup_parent()
+    cgroup = _make_cgroup(parent, f"selfimprove-sandbox-{uid}", limits.memory_mb) if parent else None
+    report_r, report_w = os.pipe()
     spec = {
         **{k: getattr(limits, k) for k in ("timeout", "cpu_seconds", "memory_mb", "file_size_mb")},
         **{k: getattr(limits, k) for k in ("disk_mb", "open_files")},
@@ -124,16 +221,23 @@ def _launch(program: str, limits: Limits, isolation: str, python: str) -> Sandbo
         "isolation": isolation,
         "uid": uid,
         "python": python,
+        "writable": writable_dirs() if isolation == "namespaces" else [],
+        "cgroup": cgroup,
+        "report_fd": report_w,
     }
-    source = (GUARD_PRELUDE + program) if isolation == "guarded" else program
+    token = secrets.token_hex(16)
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", str(LAUNCHER), json.dumps(spec)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(LAUNCHER), json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            pass_fds=(report_w,),
+        )
+    finally:
+        os.close(report_w)
     out: list[bytes] = []
     err: list[bytes] = []
     readers = [
@@ -143,7 +247,7 @@ def _launch(program: str, limits: Limits, isolation: str, python: str) -> Sandbo
     for t in readers:
         t.start()
     try:
-        proc.stdin.write(source.encode())
+        proc.stdin.write(f"{token}\n{program}".encode())
         proc.stdin.close()
     except BrokenPipeError:
         pass
@@ -152,8 +256,11 @@ def _launch(program: str, limits: Limits, isolation: str, python: str) -> Sandbo
     except subprocess.TimeoutExpired:  # launcher stuck: kill its whole session
         os.killpg(proc.pid, 9)
         code = proc.wait()
+    with os.fdopen(report_r, "rb") as report:
+        confirmation = report.read(256)
     for t in readers:
         t.join(timeout=5)
+    _remove_cgroup(cgroup)
     return SandboxResult(
         returncode=code,
         stdout=b"".join(out).decode(errors="replace"),
@@ -161,6 +268,7 @@ def _launch(program: str, limits: Limits, isolation: str, python: str) -> Sandbo
         timed_out=code == 124,
         wall_s=round(time.monotonic() - started, 3),
         isolation=isolation,
+        confirmed=secrets.compare_digest(confirmation, token.encode()),
     )
 
 
