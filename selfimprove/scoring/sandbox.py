@@ -153,7 +153,8 @@ def memory_cgroup_parent() -> str | None:
         if (v1 or v2) and path is not None:
             parent = os.path.join(mp, path.lstrip("/"))
             try:  # a trial child: made, capped and removed
-                _remove_cgroup(_make_cgroup(parent, "selfimprove-probe-" + str(os.getpid()), 64))
+                probe = f"selfimprove-probe-{os.getpid()}-{threading.get_ident()}"
+                _remove_cgroup(_make_cgroup(parent, probe, 64))
                 return parent
             except OSError:
                 continue
@@ -213,7 +214,6 @@ def _launch(program: str, limits: Limits, isolation: str, python: str) -> Sandbo
         nproc += sum(1 for p in Path("/proc").iterdir() if p.name.isdigit())
     parent = memory_cgroup_parent()
     cgroup = _make_cgroup(parent, f"selfimprove-sandbox-{uid}", limits.memory_mb) if parent else None
-    report_r, report_w = os.pipe()
     spec = {
         **{k: getattr(limits, k) for k in ("timeout", "cpu_seconds", "memory_mb", "file_size_mb")},
         **{k: getattr(limits, k) for k in ("disk_mb", "open_files")},
@@ -223,53 +223,61 @@ def _launch(program: str, limits: Limits, isolation: str, python: str) -> Sandbo
         "python": python,
         "writable": writable_dirs() if isolation == "namespaces" else [],
         "cgroup": cgroup,
-        "report_fd": report_w,
     }
     token = secrets.token_hex(16)
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", str(LAUNCHER), json.dumps(spec)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            pass_fds=(report_w,),
-        )
+        code, out, err, confirmation = _run_launcher(spec, f"{token}\n{program}", limits)
     finally:
-        os.close(report_w)
-    out: list[bytes] = []
-    err: list[bytes] = []
-    readers = [
-        threading.Thread(target=_read_capped, args=(proc.stdout, limits.output_bytes, out), daemon=True),
-        threading.Thread(target=_read_capped, args=(proc.stderr, limits.output_bytes, err), daemon=True),
-    ]
-    for t in readers:
-        t.start()
-    try:
-        proc.stdin.write(f"{token}\n{program}".encode())
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass
-    try:
-        code = proc.wait(timeout=limits.timeout + 10)  # the launcher kills at timeout itself
-    except subprocess.TimeoutExpired:  # launcher stuck: kill its whole session
-        os.killpg(proc.pid, 9)
-        code = proc.wait()
-    with os.fdopen(report_r, "rb") as report:
-        confirmation = report.read(256)
-    for t in readers:
-        t.join(timeout=5)
-    _remove_cgroup(cgroup)
+        _remove_cgroup(cgroup)
     return SandboxResult(
         returncode=code,
-        stdout=b"".join(out).decode(errors="replace"),
-        stderr=b"".join(err).decode(errors="replace"),
+        stdout=out.decode(errors="replace"),
+        stderr=err.decode(errors="replace"),
         timed_out=code == 124,
         wall_s=round(time.monotonic() - started, 3),
         isolation=isolation,
         confirmed=secrets.compare_digest(confirmation, token.encode()),
     )
+
+
+def _run_launcher(spec: dict, stdin: str, limits: Limits) -> tuple[int, bytes, bytes, bytes]:
+    """Run the launcher to its end: (exit code, stdout and stderr kept, what it reported back)."""
+    report_r, report_w = os.pipe()
+    with os.fdopen(report_r, "rb") as report:
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(LAUNCHER), json.dumps({**spec, "report_fd": report_w})],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                pass_fds=(report_w,),
+            )
+        finally:
+            os.close(report_w)
+        out: list[bytes] = []
+        err: list[bytes] = []
+        readers = [
+            threading.Thread(target=_read_capped, args=(proc.stdout, limits.output_bytes, out), daemon=True),
+            threading.Thread(target=_read_capped, args=(proc.stderr, limits.output_bytes, err), daemon=True),
+        ]
+        for t in readers:
+            t.start()
+        try:
+            proc.stdin.write(stdin.encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        try:
+            code = proc.wait(timeout=limits.timeout + 10)  # the launcher kills at timeout itself
+        except subprocess.TimeoutExpired:  # launcher stuck: kill its whole session
+            os.killpg(proc.pid, 9)
+            code = proc.wait()
+        confirmation = report.read(256)
+    for t in readers:
+        t.join(timeout=5)
+    return code, b"".join(out), b"".join(err), confirmation
 
 
 @functools.cache

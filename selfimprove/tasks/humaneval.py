@@ -5,7 +5,9 @@ problem's unit tests on the completion in the sandbox (selfimprove/scoring/sandb
     completion  the function body (base models), or a ```python block with the whole function
                 (instruct models)
     program     prompt + completion + test + ``check(entry_point)``, run in the sandbox;
-                reward 1.0 when it exits 0 within the limits, else 0.0
+                reward 1.0 when the sandbox's harness saw that last line return (a per-run
+                token the program cannot know) and it exited 0 within the limits, else 0.0:
+                a completion that exits early (sys.exit(0), os._exit(0), ...) never passes
 
 There is no train split and the canonical solutions are the test answers, so ``seed_data`` is
 empty. ``train_size`` > 0 moves the first ``train_size`` problems (after a seeded shuffle) from
