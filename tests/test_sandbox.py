@@ -7,9 +7,11 @@ Each case of CASES is one test; the last test prints the containment matrix (pro
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -94,10 +96,15 @@ class Host:
 
 
 @pytest.fixture
-def host(tmp_path):
-    h = Host(tmp_path)
+def host():
+    """A host folder outside every world-writable one: pytest's tmp_path lies under /tmp, which each
+    sandbox covers with its own tmpfs, so a program there would find nothing rather than meet the
+    read-only host (and the permission checks) these cases are about."""
+    root = Path(tempfile.mkdtemp(prefix=".sandbox-host-", dir=Path(__file__).resolve().parent))
+    h = Host(root)
     yield h
     h.close()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _fill(path: str, tag: str) -> str:
