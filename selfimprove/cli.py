@@ -298,6 +298,7 @@ def status_command(args: list[str]) -> int:
 
     from selfimprove.app import plan
     from selfimprove.config import register_configs
+    from selfimprove.pipeline import METRICS, read_metrics
     from selfimprove.plan_view import STATE_COLOURS as colours
 
     if len(args) != 1:
@@ -320,6 +321,9 @@ def status_command(args: list[str]) -> int:
     for s in planned.plan:
         if s.state == "damaged":  # what `run` will say when it recomputes it
             console.print(f"[magenta]damaged[/] {s.name}: {escape(s.why)}; `selfimprove run` recomputes it")
+    _, problem = read_metrics(root / METRICS)
+    if problem and any(s.state == "done" for s in planned.plan):  # a derived file: say it, do not fail
+        console.print(f"[magenta]damaged[/] {problem}; `selfimprove run` rebuilds it from the stages")
     states = [s.state for s in planned.plan]
     console.print(", ".join(f"{states.count(k)} {k}" for k in colours if states.count(k)))
     return 0
