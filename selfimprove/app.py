@@ -13,7 +13,7 @@ from selfimprove.config import PLANNING_FOR_GPUS, register_configs
 from selfimprove.errors import StageFailed, explain
 from selfimprove.generation import resolve_backend
 from selfimprove.methods import METHODS
-from selfimprove.pipeline import Run, StopRequested, matches_stop, write_text_atomic
+from selfimprove.pipeline import Run, StopRequested, matches_stop, refusal, write_text_atomic
 from selfimprove.registry import ConfigError
 from selfimprove.store import Store
 from selfimprove.tracking import Tracker
@@ -31,7 +31,13 @@ def run_name(override_dirname: str) -> str:
     return name
 
 
+def run_path(run_dir: str | None, out_root: str, override_dirname: str) -> str:
+    """Hydra's job folder: the explicit ``run_dir``, else ``out_root/<run_name>``."""
+    return str(run_dir) if run_dir else f"{out_root}/{run_name(override_dirname)}"
+
+
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("run_path", run_path, replace=True)
 
 
 def keys_outside_run_identity() -> set[str]:
@@ -73,18 +79,26 @@ def store_of(cfg: DictConfig, root: Path) -> Store | None:
     return Store(cfg.store_dir or root.parent / ".store") if cfg.store else None
 
 
-def plan(cfg: DictConfig, root: Path) -> Run:
+def plan(cfg: DictConfig, root: Path, replay: bool = False) -> Run:
     """Walk the method without computing anything: the list of stages and their states (done, in
-    the store, pending, ...), with each stage's inputs for the preflight checks."""
+    the store, pending, ...), with each stage's inputs for the preflight checks. ``replay``: also
+    the metrics lines of the iterations whose stages are done (:func:`metrics_from_stages`)."""
     planner = Run(
         root,
         neutral=frozenset(keys_outside_run_identity()),
         plan_only=True,
+        replay=replay,
         on_change=str(cfg.on_change.value if hasattr(cfg.on_change, "value") else cfg.on_change),
         store=store_of(cfg, root),
     )
     METHODS.get(cfg.method.name)(cfg, planner)
     return planner
+
+
+def metrics_from_stages(root: Path) -> list[dict]:
+    """A run's metrics.jsonl lines rebuilt from its done stages' outputs, as its config.yaml says."""
+    register_configs()
+    return plan(OmegaConf.load(root / "config.yaml"), root, replay=True).metrics()
 
 
 def prepare(cfg: DictConfig, root: Path, say=lambda _: None, here: bool = True) -> tuple[Run, list[str]]:
@@ -129,6 +143,16 @@ def check_stop_after(cfg: DictConfig, planned: Run) -> None:
         raise ConfigError(
             f"stop_after='{cfg.stop_after}' names no stage of this run; stages: {', '.join(names)}"
         )
+
+
+def refuse_changes(planned: Run) -> None:
+    """on_change=refuse: a stage done with other settings refuses the run before its records
+    (config.yaml, overrides.yaml) are rewritten to describe settings its results do not have."""
+    if planned.on_change != "refuse":
+        return
+    for s in planned.plan:
+        if s.state == "changed":
+            raise refusal(s.name, planned.root, s.why)
 
 
 def print_table(console, rows: list[dict]) -> None:
@@ -181,10 +205,6 @@ def run(cfg: DictConfig) -> list[dict]:
 
     done = sum(s.state == "done" for s in planned.plan)
     console.print(f"[bold]run directory:[/] {root}  ({done}/{len(planned.plan)} stages already done)")
-    root.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(root / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    write_text_atomic(root / "overrides.yaml", OmegaConf.to_yaml(command_overrides()))
-    tracker = Tracker(cfg, root, group=sweep_name())
     store = store_of(cfg, root)
     started = time.time()
     with Run(
@@ -193,9 +213,13 @@ def run(cfg: DictConfig) -> list[dict]:
         on_change=planned.on_change,
         neutral=planned.neutral,
         log=console.print,
-        on_record=tracker.log,
         store=store,
     ) as r:
+        refuse_changes(planned)  # the lock is held: from here on this process owns the run's records
+        write_text_atomic(root / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        write_text_atomic(root / "overrides.yaml", OmegaConf.to_yaml(command_overrides()))
+        tracker = Tracker(cfg, root, group=sweep_name())
+        r.on_record = tracker.log
         try:
             METHODS.get(cfg.method.name)(cfg, r)
         except StopRequested:

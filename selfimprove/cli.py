@@ -19,7 +19,7 @@ COMMANDS = {
     "run": "run (or resume) an experiment: selfimprove run [-m] [group=option ...] [key=value ...]",
     "plan": "what a run would do, without running it: stages, settings, parameters, memory per stage: selfimprove plan [-m] [overrides]",
     "report": "tables (md, latex, csv) and plots of a run or sweep directory: selfimprove report PATH [--format md] [--out DIR]",
-    "status": "show which stages of a run directory are done, pending, partial or changed: selfimprove status RUN_DIR",
+    "status": "show which stages of a run directory are done, pending, partial, changed or damaged: selfimprove status RUN_DIR",
 }
 GROUP_OVERRIDE = re.compile(r"^[+~]?(?P<group>[\w./-]+?)(@[\w.]+)?=(?P<value>.*)$")
 
@@ -293,10 +293,13 @@ def plan_command(args: list[str]) -> int:
 def status_command(args: list[str]) -> int:
     from omegaconf import OmegaConf
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from selfimprove.app import plan
     from selfimprove.config import register_configs
+    from selfimprove.pipeline import METRICS, read_metrics
+    from selfimprove.plan_view import STATE_COLOURS as colours
 
     if len(args) != 1:
         print("error: usage: selfimprove status RUN_DIR", file=sys.stderr)
@@ -311,11 +314,16 @@ def status_command(args: list[str]) -> int:
     table = Table(title=str(root))
     for col in ("stage", "state", "fingerprint"):
         table.add_column(col)
-    colours = {"done": "green", "shared": "cyan", "pending": "white", "partial": "yellow", "changed": "red"}
     for s in planned.plan:
         table.add_row(s.name, f"[{colours[s.state]}]{s.state}[/]", s.fingerprint)
     console = Console(highlight=False)
     console.print(table)
+    for s in planned.plan:
+        if s.state == "damaged":  # what `run` will say when it recomputes it
+            console.print(f"[magenta]damaged[/] {s.name}: {escape(s.why)}; `selfimprove run` recomputes it")
+    _, problem = read_metrics(root / METRICS)
+    if problem and any(s.state == "done" for s in planned.plan):  # a derived file: say it, do not fail
+        console.print(f"[magenta]damaged[/] {problem}; `selfimprove run` rebuilds it from the stages")
     states = [s.state for s in planned.plan]
     console.print(", ".join(f"{states.count(k)} {k}" for k in colours if states.count(k)))
     return 0

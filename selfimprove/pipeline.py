@@ -6,13 +6,17 @@ The contract (docs: DESIGN.md §2):
   name and version with its inputs; an input that is an :class:`Artifact` contributes its own
   fingerprint, so a change upstream changes every stage downstream.
 - A stage writes into ``<name>.partial/``, which is renamed to ``<name>/`` when the function
-  returns; ``_DONE.json`` (fingerprint, times, counts, library versions) is written last, atomically.
-  Only a folder whose ``_DONE.json`` carries the expected fingerprint counts as done.
+  returns; ``_DONE.json`` (fingerprint, times, counts, library versions, the size of every output
+  file) is written last, atomically and durably (selfimprove/markers.py). Only a folder whose
+  ``_DONE.json`` is whole, carries the expected fingerprint and whose files still have the sizes it
+  lists counts as done; anything else is ``damaged`` and recomputed, said in one line.
 - Re-running the same command skips (loads) done stages and restarts the first unfinished one. A
   stage marked ``resumable`` keeps its ``.partial/`` folder across a kill so that it can continue
   from its own checkpoints; any other stage starts from an empty folder.
 - A done stage whose fingerprint no longer matches is recomputed (``on_change=recompute``, said
   out loud) or refused (``on_change=refuse``).
+- ``metrics.jsonl`` is a view: each run rewrites the lines of the iterations it reaches from their
+  stages' outputs, so a damaged or truncated one is rebuilt (:func:`read_metrics` reads what is whole).
 - With a ``store`` (selfimprove/store.py) a stage that another run already computed with the same
   fingerprint is linked into this run directory instead (event ``shared``), under the same contract.
 """
@@ -33,9 +37,9 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from selfimprove.errors import StageFailed, explain
+from selfimprove.markers import DONE, damage, outputs_of, read_marker, sync_folder, sync_tree
 from selfimprove.registry import ConfigError
 
-DONE = "_DONE.json"
 EVENTS = "events.jsonl"
 METRICS = "metrics.jsonl"
 
@@ -60,7 +64,7 @@ class Artifact:
         return self.path / relative
 
     def done_record(self) -> dict:
-        return json.loads((self.path / DONE).read_text())
+        return read_marker(self.path / DONE)[0] or {}
 
     def summary(self) -> dict:
         """What this stage reports for the per-iteration metrics line: its metrics.json if it
@@ -88,15 +92,19 @@ def stage(version: int = 1, resumable: bool = False) -> Callable:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write a temporary file, fsync it, rename it over ``path`` and fsync the folder: after a
+    machine crash ``path`` holds the old text or the new one, never a mix or nothing."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    sync_folder(path.parent)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -106,6 +114,32 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 def read_jsonl(path: Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_metrics(path: Path) -> tuple[list[dict], str | None]:
+    """The whole lines of a metrics.jsonl (one object with an integer ``iteration`` each) and, when
+    some are not, what is wrong: it is a derived file, rebuilt from the stages' outputs."""
+    if not path.exists():
+        return [], f"{path.name} is missing"
+    try:
+        text = path.read_bytes().decode()
+    except (OSError, UnicodeDecodeError) as err:
+        return [], f"{path.name} cannot be read ({err.__class__.__name__})"
+    rows, bad = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("iteration"), int):
+            rows.append(row)
+        elif line.strip():
+            bad.append(number)
+    if bad:
+        return rows, f"{path.name} line {bad[0]} is damaged ({len(bad)} bad line(s), {len(rows)} whole)"
+    if not rows:
+        return [], f"{path.name} is empty"
+    return rows, None
 
 
 def plain(value: Any) -> Any:
@@ -173,9 +207,19 @@ def matches_stop(stop_after: str, name: str) -> bool:
 class StageStatus:
     name: str
     fingerprint: str
-    state: str  # done | pending | changed | partial | shared (in the store, linked when the run gets there)
+    # done | pending | changed | partial | damaged (marker or output files broken: recomputed)
+    # | shared (in the store, linked when the run gets there)
+    state: str
     fn: Callable | None = None
     inputs: dict = field(default_factory=dict)  # plain values and artifacts, for the plan's estimates
+    why: str = ""  # for changed and damaged: what differs or what is broken
+
+
+def refusal(name: str, root: Path, why: str) -> ConfigError:
+    """on_change=refuse meeting a stage done with other settings (said before anything is written)."""
+    return ConfigError(
+        f"stage '{name}' in {root} was {why}; rerun with on_change=recompute or choose another run directory"
+    )
 
 
 @dataclass
@@ -192,6 +236,7 @@ class Run:
     stop_after: str | None = None
     on_change: str = "recompute"
     plan_only: bool = False
+    replay: bool = False  # with plan_only: record the metrics lines whose stages are all done
     log: Callable[[str], None] = print
     on_record: Callable[[dict], None] | None = None
     store: Any = None  # a selfimprove.store.Store: stages with the same fingerprint are computed once
@@ -200,6 +245,7 @@ class Run:
     counts: dict[str, int] = field(default_factory=lambda: {"computed": 0, "reused": 0, "shared": 0})
     _lock_file: Any = None
     _stopped_after: str | None = None
+    _rows: dict[int, dict] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -214,9 +260,15 @@ class Run:
             try:
                 fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                self._lock_file.close()
+                self._lock_file = None
                 raise ConfigError(
                     f"run directory {self.root} is in use by another selfimprove process"
                 ) from None
+            rows, problem = read_metrics(self.root / METRICS)
+            if problem and (self.root / METRICS).exists():
+                self.log(f"[yellow]! {problem}; rebuilding it from the stages' outputs[/]")
+            self._rows = {r["iteration"]: r for r in rows}
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -241,25 +293,22 @@ class Run:
         fp = fingerprint_of(fn, inputs, self.neutral)
         path = self.root / name
         artifact = Artifact(name=name, path=path, fingerprint=fp)
-        state = self._state(path, fp)
+        state, why = stage_state(path, fp)
         if self.plan_only:
-            if state != "done" and self.store is not None and self.store.has(fp):
+            if state in ("pending", "partial") and self.store is not None and self.store.has(fp):
                 state = "shared"
-            self.plan.append(StageStatus(name, fp, state, fn, {k: plain(v) for k, v in inputs.items()}))
+            self.plan.append(StageStatus(name, fp, state, fn, {k: plain(v) for k, v in inputs.items()}, why))
             return artifact
         if state == "done":
             self.counts["reused"] += 1
             self._event(name, "reused", fp)
         else:
-            if state == "changed":
-                old = json.loads((path / DONE).read_text()).get("fingerprint")
-                if self.on_change == "refuse":
-                    raise ConfigError(
-                        f"stage '{name}' in {self.root} was done with other settings "
-                        f"(fingerprint {old}, now {fp}); rerun with on_change=recompute or choose another run directory"
-                    )
+            if state == "changed" and self.on_change == "refuse":
+                raise refusal(name, self.root, why)
+            if state in ("changed", "damaged"):
+                from_store = self.store is not None and self.store.has(fp)
                 self.log(
-                    f"[yellow]! {name}: settings changed since it was done ({old} → {fp}); recomputing[/]"
+                    f"[yellow]! {name}: {why}; {'linking it again from the store' if from_store else 'recomputing'}[/]"
                 )
             if self.store is None:
                 self._compute(name, fn, inputs, path, fp)
@@ -275,19 +324,6 @@ class Run:
         if self.stop_after is not None and matches_stop(self.stop_after, name):
             self._stopped_after = name
         return artifact
-
-    @staticmethod
-    def _state(path: Path, fp: str) -> str:
-        marker = path / DONE
-        if marker.exists():
-            try:
-                done_fp = json.loads(marker.read_text()).get("fingerprint")
-            except json.JSONDecodeError:
-                done_fp = None
-            return "done" if done_fp == fp else "changed"
-        if path.with_name(path.name + ".partial").exists() or path.exists():
-            return "partial"
-        return "pending"
 
     def _compute(self, name: str, fn: Callable, inputs: dict, path: Path, fp: str) -> None:
         partial = path.with_name(path.name + ".partial")
@@ -315,7 +351,9 @@ class Run:
             raise StageFailed(name, explain(err)) from err
         finished = time.time()
         (partial / ".fingerprint").unlink()
+        sync_tree(partial)  # the outputs reach the disk before the marker that vouches for them
         os.replace(partial, path)
+        sync_folder(path.parent)
         record = {
             "stage": name,
             "fingerprint": fp,
@@ -325,6 +363,7 @@ class Run:
             "counts": counts,
             "inputs": {k: describe(v, lambda a: a.name) for k, v in inputs.items()},
             "versions": library_versions(),
+            "outputs": outputs_of(path),
         }
         write_json_atomic(path / DONE, record)
         self.counts["computed"] += 1
@@ -344,21 +383,44 @@ class Run:
         """Write the metrics line of one iteration from its artifacts. metrics.jsonl is rewritten
         whole, keyed by iteration, so that a resumed run never duplicates a line."""
         if self.plan_only:
+            done = {s.name for s in self.plan if s.state == "done"}
+            if self.replay and all(a.name in done for a in artifacts):
+                self._rows[iteration] = metrics_row(iteration, artifacts, extra)
             return None
-        row: dict[str, Any] = {"iteration": iteration}
-        for artifact in artifacts:
-            row.update(artifact.summary())
-        row.update(extra)
-        rows = {r["iteration"]: r for r in self.metrics()}
-        rows[iteration] = row
-        write_jsonl(self.root / METRICS, [rows[k] for k in sorted(rows)])
+        row = metrics_row(iteration, artifacts, extra)
+        self._rows[iteration] = row
+        write_jsonl(self.root / METRICS, self.metrics())
         if self.on_record is not None:
             self.on_record(row)
         return row
 
     def metrics(self) -> list[dict]:
-        path = self.root / METRICS
-        return read_jsonl(path) if path.exists() else []
+        """The metrics lines: those recorded by this run over the whole ones it found."""
+        return [self._rows[k] for k in sorted(self._rows)]
+
+
+def metrics_row(iteration: int, artifacts: Iterable[Artifact], extra: dict) -> dict:
+    row: dict[str, Any] = {"iteration": iteration}
+    for artifact in artifacts:
+        row.update(artifact.summary())
+    row.update(extra)
+    return row
+
+
+def stage_state(path: Path, fp: str) -> tuple[str, str]:
+    """A stage folder's state and, for changed and damaged, why."""
+    marker = path / DONE
+    if marker.exists():
+        record, broken = read_marker(marker)
+        if record is None:
+            return "damaged", broken
+        if record["fingerprint"] != fp:
+            return "changed", f"done with other settings (fingerprint {record['fingerprint']}, now {fp})"
+        broken = damage(path, record)
+        return ("damaged", broken) if broken else ("done", "")
+    if path.with_name(path.name + ".partial").exists() or path.exists():
+        return "partial", ""
+    return "pending", ""
 
 
 @dataclass

@@ -13,7 +13,14 @@ from selfimprove.memory import format_bytes
 from selfimprove.pipeline import Run, plain
 from selfimprove.training import launch
 
-STATE_COLOURS = {"done": "green", "shared": "cyan", "pending": "white", "partial": "yellow", "changed": "red"}
+STATE_COLOURS = {
+    "done": "green",
+    "shared": "cyan",
+    "pending": "white",
+    "partial": "yellow",
+    "changed": "red",
+    "damaged": "magenta",
+}
 
 
 def model_line(cfg: DictConfig) -> str:

@@ -12,11 +12,12 @@ import csv
 import io
 import math
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfimprove.app import keys_outside_run_identity
-from selfimprove.pipeline import METRICS, read_jsonl
+from selfimprove.app import keys_outside_run_identity, metrics_from_stages
+from selfimprove.pipeline import METRICS, read_metrics
 from selfimprove.registry import ConfigError, unknown_choice
 
 FORMATS = {"md": "md", "latex": "tex", "csv": "csv"}
@@ -52,10 +53,10 @@ def find_runs(path: Path) -> list[RunResult]:
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path} is not a directory; give a run or sweep directory")
-    found = [p.parent for p in sorted(path.rglob(METRICS))]
+    found = sorted({p.parent for name in (METRICS, "config.yaml") for p in path.rglob(name)})
     found = [p for p in found if not any(part.startswith(".") for part in p.relative_to(path).parts)]
     if not found:
-        raise ConfigError(f"{path} holds no run directory (no {METRICS} at or below it)")
+        raise ConfigError(f"{path} holds no run directory (no {METRICS} or config.yaml at or below it)")
     runs = []
     # not a setting: the seed (averaged over) and keys that do not change results
     not_settings = keys_outside_run_identity() | {"seed", "hydra.sweep.dir"}
@@ -72,9 +73,27 @@ def find_runs(path: Path) -> list[RunResult]:
                 setting[key] = value
         cfg = OmegaConf.load(run / "config.yaml") if (run / "config.yaml").exists() else {}
         layout = OmegaConf.to_container(cfg["report"]) if "report" in cfg else {}
-        rows = {r["iteration"]: r for r in read_jsonl(run / METRICS)}
-        runs.append(RunResult(run, setting, rows, layout))
+        rows = {r["iteration"]: r for r in metrics_of(run)}
+        if rows:
+            runs.append(RunResult(run, setting, rows, layout))
+    if not runs:
+        raise ConfigError(f"{path} holds no finished iteration yet; run the command first")
     return runs
+
+
+def metrics_of(run: Path) -> list[dict]:
+    """The run's metrics lines; when metrics.jsonl is missing, empty or damaged, rebuilt (in memory:
+    the report does not own the run) from the outputs of its done stages, said on stderr."""
+    rows, problem = read_metrics(run / METRICS)
+    if problem is None:
+        return rows
+    rebuilt = metrics_from_stages(run) if (run / "config.yaml").exists() else []
+    print(
+        f"note: {run}: {problem}; the report uses {len(rebuilt)} line(s) rebuilt from its stages' outputs"
+        + ("" if rebuilt else " (none finished: the run is left out)"),
+        file=sys.stderr,
+    )
+    return rebuilt
 
 
 def labels(runs: list[RunResult]) -> tuple[list[str], str]:

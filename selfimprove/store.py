@@ -18,7 +18,6 @@ lock at a time, so jobs cannot deadlock.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import time
@@ -26,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from selfimprove.markers import damage, read_marker
 from selfimprove.pipeline import DONE, write_json_atomic
 
 
@@ -42,7 +42,10 @@ class Store:
         self.root = Path(root)
 
     def has(self, fp: str) -> bool:
-        return (self.root / fp / DONE).exists()
+        """A stored stage counts when its marker is whole and its files are as the marker says (a
+        run's hardlinked file cut in place cuts the stored one too)."""
+        record, _ = read_marker(self.root / fp / DONE)
+        return record is not None and not damage(self.root / fp, record)
 
     @contextmanager
     def lock(self, fp: str) -> Iterator[None]:
@@ -67,7 +70,7 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(stored, partial, copy_function=link_or_copy, ignore=shutil.ignore_patterns(DONE))
         os.replace(partial, path)
-        record = json.loads((stored / DONE).read_text())
+        record, _ = read_marker(stored / DONE)
         record.update(stage=name, shared_from=str(stored), shared_at=time.time())
         write_json_atomic(path / DONE, record)
         return True
