@@ -312,7 +312,7 @@ class Run:
                 shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
             if isinstance(err, ConfigError):
                 raise ConfigError(f"{name}: {err}") from err
-            raise StageFailed(name, explain(err)) from err
+            raise StageFailed(name, explain(err, where=path)) from err
         finished = time.time()
         (partial / ".fingerprint").unlink()
         os.replace(partial, path)

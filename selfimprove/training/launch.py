@@ -126,7 +126,7 @@ def in_processes(fn, out: Path, **kwargs: Any) -> dict:
     job, result = out / "launch_job.pkl", out / "launch_result.json"
     with open(job, "wb") as f:
         pickle.dump({"fn": f"{fn.__module__}:{fn.__qualname__}", "out": out, "kwargs": kwargs}, f)
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    command = [sys.executable, "-c", QUIET_LAUNCHER]
     command += ["--config_file", str(accelerate_config(hardware["accelerate"]))]
     if hardware.get("num_processes"):
         command += ["--num_processes", str(hardware["num_processes"])]
@@ -142,8 +142,23 @@ def in_processes(fn, out: Path, **kwargs: Any) -> dict:
     return counts
 
 
+#: ``accelerate launch`` with torch's launcher agent quiet but for errors: on Ctrl-C it would log the
+#: stopping of each worker (the pipeline process says "interrupted" in one line)
+QUIET_LAUNCHER = (
+    "import logging; logging.disable(logging.WARNING); from accelerate.commands.launch import main; main()"
+)
+
+
 def main() -> None:
-    """In each launched process: run the pickled stage body; rank 0 writes its result."""
+    """In each launched process: run the pickled stage body; rank 0 writes its result. Ctrl-C reaches
+    these processes too: they leave quietly (the pipeline process says so in one line)."""
+    try:
+        run_job()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def run_job() -> None:
     with open(sys.argv[1], "rb") as f:
         job = pickle.load(f)
     module, _, name = job["fn"].partition(":")
