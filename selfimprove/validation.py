@@ -191,6 +191,13 @@ def check_dataset_sources(dataset: DictConfig) -> None:
 
 def writable_place(path: Path, key: str) -> str | None:
     """Why ``path`` (a folder the run will create or write in) cannot be written, or None."""
+    try:
+        return place_problem(path, key)
+    except OSError as err:  # a folder on the way that this user cannot enter
+        return f"{key}: cannot reach {path} ({err.strerror}: {err.filename}); choose another {key}"
+
+
+def place_problem(path: Path, key: str) -> str | None:
     if path.exists():
         if not path.is_dir():
             return f"{key}: {path} is a file, not a folder; move it away or choose another {key}"

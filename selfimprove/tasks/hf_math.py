@@ -53,13 +53,15 @@ def load_split(source: dict):
 def check_local_file(path: Path, key: str) -> None:
     """A local split is a readable, non-empty file of a known format; a JSON Lines file's rows are
     each a JSON object (`datasets` reports a bad row in 85 lines without its number)."""
-    if not path.exists():
-        raise ConfigError(f"{key}={path}: no such file or folder; check the path")
-    if path.is_dir():
-        return
-    if path.suffix not in LOCAL_BUILDERS:
-        raise ConfigError(f"{key}={path} has suffix '{path.suffix}'; allowed: {', '.join(LOCAL_BUILDERS)}")
     try:
+        if not path.exists():
+            raise ConfigError(f"{key}={path}: no such file or folder; check the path")
+        if path.is_dir():
+            return
+        if path.suffix not in LOCAL_BUILDERS:
+            raise ConfigError(
+                f"{key}={path} has suffix '{path.suffix}'; allowed: {', '.join(LOCAL_BUILDERS)}"
+            )
         with open(path, "rb") as f:
             data = f.read()
     except OSError as err:

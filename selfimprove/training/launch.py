@@ -126,11 +126,11 @@ def in_processes(fn, out: Path, **kwargs: Any) -> dict:
     job, result = out / "launch_job.pkl", out / "launch_result.json"
     with open(job, "wb") as f:
         pickle.dump({"fn": f"{fn.__module__}:{fn.__qualname__}", "out": out, "kwargs": kwargs}, f)
-    command = [sys.executable, "-c", QUIET_LAUNCHER]
+    command = [sys.executable, "-m", "selfimprove.launched", "accelerate"]
     command += ["--config_file", str(accelerate_config(hardware["accelerate"]))]
     if hardware.get("num_processes"):
         command += ["--num_processes", str(hardware["num_processes"])]
-    command += ["-m", "selfimprove.training.launch", str(job)]
+    command += ["-m", "selfimprove.launched", str(job)]
     threads = str(hardware.get("num_threads") or os.environ.get("OMP_NUM_THREADS") or 1)
     env = {**os.environ, LAUNCHED: "1", "OMP_NUM_THREADS": threads}
     code = subprocess.run(command, env=env).returncode
@@ -142,30 +142,12 @@ def in_processes(fn, out: Path, **kwargs: Any) -> dict:
     return counts
 
 
-#: ``accelerate launch`` with torch's launcher agent quiet but for errors: on Ctrl-C it would log the
-#: stopping of each worker (the pipeline process says "interrupted" in one line)
-QUIET_LAUNCHER = (
-    "import logging; logging.disable(logging.WARNING); from accelerate.commands.launch import main; main()"
-)
-
-
 def main() -> None:
-    """In each launched process: run the pickled stage body; rank 0 writes its result. Ctrl-C reaches
-    these processes too: they leave quietly (the pipeline process says so in one line)."""
-    try:
-        run_job()
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-def run_job() -> None:
+    """In each launched process (selfimprove/launched.py): run the pickled stage body; rank 0
+    writes its result."""
     with open(sys.argv[1], "rb") as f:
         job = pickle.load(f)
     module, _, name = job["fn"].partition(":")
     counts = getattr(importlib.import_module(module), name)(job["out"], **job["kwargs"])
     if is_main_process():
         (Path(job["out"]) / "launch_result.json").write_text(json.dumps(counts))
-
-
-if __name__ == "__main__":
-    main()
