@@ -342,11 +342,13 @@ class Started:
     base: Path
     cwd: Path
 
-    def result(self, name: str) -> tuple[int, str]:
+    def result(self, name: str, strict: bool = True) -> tuple[int, str | list[str]]:
+        """Exit status and the one line on stderr; not ``strict``: every line (a multi-process
+        stage's workers print the DDP constructor's warnings while they train)."""
         _, err = self.proc.communicate(timeout=300)
-        line = one_line(err)
-        record(name, self.proc.returncode, line)
-        return self.proc.returncode, line
+        lines = [line for line in err.splitlines() if line.strip()]
+        record(name, self.proc.returncode, lines[-1] if lines else "")
+        return self.proc.returncode, (one_line(err) if strict else lines)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -399,7 +401,7 @@ def test_a_full_disk_is_one_line_with_the_path_free_space_and_resume(started):
     assert " free there); free space and run the same command to resume" in line
 
 
-def interrupt_when_training(run: Started, name: str) -> tuple[int, str]:
+def interrupt_when_training(run: Started, name: str, strict: bool = True):
     """SIGINT to the run's process group (what Ctrl-C in a terminal sends) once it trains."""
     deadline = time.time() + 240
     while not list(run.cwd.glob("run/warmstart/train.partial/*")) and time.time() < deadline:
@@ -407,7 +409,7 @@ def interrupt_when_training(run: Started, name: str) -> tuple[int, str]:
         time.sleep(0.1)
     time.sleep(3)  # into the trainer's start
     os.killpg(run.proc.pid, signal.SIGINT)
-    return run.result(name)
+    return run.result(name, strict)
 
 
 def test_ctrl_c_is_one_line_and_exit_130(started):
@@ -421,8 +423,10 @@ def test_ctrl_c_reaches_accelerates_launcher_and_workers_quietly(started):
     """Training in two processes under `accelerate launch`: the launcher and its workers get the
     SIGINT too, and none of them prints a traceback or its shutdown."""
     run = started["Ctrl-C while accelerate's workers train"]
-    code, line = interrupt_when_training(run, "Ctrl-C while accelerate's workers train")
-    assert code == 130 and line == INTERRUPTED
+    code, lines = interrupt_when_training(run, "Ctrl-C while accelerate's workers train", strict=False)
+    assert code == 130 and lines[-1] == INTERRUPTED
+    said = [line for line in lines if any(w in line for w in ("Traceback", "Interrupt", "signal", "Error"))]
+    assert not said, "\n".join(lines)
     assert not processes_in(run.cwd), "the launcher and its workers are gone"
 
 

@@ -144,7 +144,10 @@ def in_processes(fn, out: Path, **kwargs: Any) -> dict:
 
 def main() -> None:
     """In each launched process (selfimprove/launched.py): run the pickled stage body; rank 0
-    writes its result."""
+    writes its result. The libraries' progress bars are off here too, as in the pipeline process."""
+    from selfimprove.app import quiet_libraries
+
+    quiet_libraries()
     with open(sys.argv[1], "rb") as f:
         job = pickle.load(f)
     module, _, name = job["fn"].partition(":")
