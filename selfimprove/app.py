@@ -8,9 +8,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from selfimprove import preflight
+from selfimprove import preflight, validation
 from selfimprove.config import PLANNING_FOR_GPUS, register_configs
-from selfimprove.errors import StageFailed, explain
+from selfimprove.errors import INTERRUPTED, StageFailed, explain
 from selfimprove.generation import resolve_backend
 from selfimprove.methods import METHODS
 from selfimprove.pipeline import Run, StopRequested, matches_stop, refusal, write_text_atomic
@@ -108,6 +108,12 @@ def prepare(cfg: DictConfig, root: Path, say=lambda _: None, here: bool = True) 
     lacks (vLLM) is a note, not a refusal."""
     notes = preflight.check_config(cfg)
     elsewhere = not here and preflight.gpu_elsewhere(cfg.hardware)
+    try:
+        validation.check_places(cfg, root)
+    except ConfigError as err:  # planned here for another machine: its folders may differ
+        if not elsewhere:
+            raise
+        notes.append(f"on this machine: {err}")
     if elsewhere:  # what the run's GPU machine will do, not this one
         if str(cfg.generator.backend.value) == "auto":
             cfg.generator.backend = "vllm"
@@ -266,10 +272,10 @@ def run_reporting_errors(cfg: DictConfig) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except Exception as err:  # a failure while running: one line here, the whole story in the log
-        line = str(err) if isinstance(err, StageFailed) else explain(err)
+        line = str(err) if isinstance(err, StageFailed) else explain(err, where=known_run_dir(cfg))
         log = write_error_log(cfg, traceback.format_exc())
         where = f" (traceback: {log})" if log else ""
         print(f"error: {line}{where}", file=sys.stderr)
@@ -278,17 +284,24 @@ def run_reporting_errors(cfg: DictConfig) -> int:
         return 1
 
 
+def known_run_dir(cfg: DictConfig) -> Path | None:
+    try:
+        return run_dir_of(cfg)
+    except ConfigError:
+        return None
+
+
 def write_error_log(cfg: DictConfig, text: str) -> Path | None:
     """The traceback of a failed run, in its run directory (None when it has none yet)."""
     import time
 
-    try:
-        root = run_dir_of(cfg)
-    except ConfigError:
-        return None
-    if not root.is_dir():
+    root = known_run_dir(cfg)
+    if root is None or not root.is_dir():
         return None
     log = root / "error.log"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    write_text_atomic(log, f"{stamp} selfimprove run {' '.join(command_overrides())}\n\n{text}")
+    try:
+        write_text_atomic(log, f"{stamp} selfimprove run {' '.join(command_overrides())}\n\n{text}")
+    except OSError:  # the disk is full or the folder read-only: the one line is all there is
+        return None
     return log

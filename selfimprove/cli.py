@@ -360,7 +360,17 @@ def report_command(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+    """Every command; Ctrl-C anywhere (also while checking, before a run starts) is one line, exit 130."""
+    from selfimprove.errors import INTERRUPTED
+
+    try:
+        return command(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+
+
+def command(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print_help()
         return 0

@@ -9,6 +9,10 @@ and exits 1; config errors found before a run starts are ``registry.ConfigError`
 
 from __future__ import annotations
 
+import errno
+import shutil
+from pathlib import Path
+
 
 class RunError(RuntimeError):
     """A runtime failure a stage explains itself: its message is the line the user reads."""
@@ -29,12 +33,45 @@ HUB_FIX = (
 )
 
 
-def explain(err: BaseException) -> str:
+INTERRUPTED = "interrupted; run the same command to resume"
+RESUME = "run the same command to resume"
+
+
+def free_space(path: Path) -> str:
+    """Free space on the file system that holds ``path`` (or its nearest existing parent)."""
+    from selfimprove.memory import format_bytes
+
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return format_bytes(shutil.disk_usage(path).free)
+
+
+def explain_os_error(err: BaseException, where: Path | None) -> str | None:
+    """A full disk, a read-only place or a file in the way, in words: the path and the fix. Torch and
+    safetensors report a full disk in their own words; ``where`` (the run or stage folder) stands in
+    for a path the error does not name."""
+    text = str(err)
+    code = getattr(err, "errno", None)
+    path = Path(getattr(err, "filename", None) or where or ".")
+    if code == errno.ENOSPC or "No space left on device" in text or "StorageFull" in text:
+        return f"disk full writing {path} ({free_space(path)} free there); free space and {RESUME}"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "the file system is read-only" if code == errno.EROFS else "permission denied"
+        return f"cannot write {path} ({why}); make it writable or choose another out_root / run_dir, then {RESUME}"
+    if code in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return f"a file is in the way at {path} ({err.strerror}); move it away or choose another out_root / run_dir"
+    return None
+
+
+def explain(err: BaseException, where: Path | None = None) -> str:
     """One line for an exception raised inside a stage: what went wrong and the fix."""
     if isinstance(err, RunError):
         return str(err)
     name = type(err).__name__
     text = " ".join(str(err).split())
+    disk = explain_os_error(err, where)
+    if disk is not None:
+        return disk
     if name == "OutOfMemoryError" or "CUDA out of memory" in text:
         return (
             "out of GPU memory; lower the method's micro-batch (model.optim.micro_batch_size) or "

@@ -348,7 +348,7 @@ class Run:
                 shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays behind
             if isinstance(err, ConfigError):
                 raise ConfigError(f"{name}: {err}") from err
-            raise StageFailed(name, explain(err)) from err
+            raise StageFailed(name, explain(err, where=path)) from err
         finished = time.time()
         (partial / ".fingerprint").unlink()
         sync_tree(partial)  # the outputs reach the disk before the marker that vouches for them

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from selfimprove import tasks
+from selfimprove import tasks, validation
 from selfimprove.memory import Arch, format_bytes, generation_peak, training_peak
 from selfimprove.methods import METHODS
 from selfimprove.pipeline import Run, StageStatus, plain
@@ -49,7 +49,8 @@ def needs(cfg: DictConfig) -> list[tasks.Need]:
 def check_config(cfg: DictConfig) -> list[str]:
     """Before the method is walked: the task's capabilities against the method's needs, the model
     against the dataset. Refuses (ConfigError) what cannot run; returns the notes to print once."""
-    notes = tasks.check_needs(cfg.method.name, cfg.dataset, needs(cfg))
+    validation.check_settings(cfg)
+    notes = tasks.check_needs(cfg.method.name, cfg.dataset, needs(cfg)) + validation.zero_iterations(cfg)
     check_context(cfg)
     check_two_turn_rl(cfg)
     return notes

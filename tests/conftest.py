@@ -44,13 +44,36 @@ TINY_RUN = [
 MATRIX_DIR = Path(__file__).resolve().parent.parent / ".pytest_cache" / "matrix"
 
 
+#: where tests/test_bad_inputs.py leaves one JSON file per case for the bad-input table
+BAD_INPUTS_DIR = MATRIX_DIR.parent / "bad_inputs"
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
         shutil.rmtree(MATRIX_DIR, ignore_errors=True)
+        shutil.rmtree(BAD_INPUTS_DIR, ignore_errors=True)
+
+
+def print_bad_inputs(terminalreporter) -> None:
+    """The bad-input table: case -> exit code -> the one line the user reads."""
+    rows = (
+        [json.loads(p.read_text()) for p in sorted(BAD_INPUTS_DIR.glob("*.json"))]
+        if BAD_INPUTS_DIR.exists()
+        else []
+    )
+    if not rows:
+        return
+    terminalreporter.section(f"bad inputs: {len(rows)} cases, case -> exit code -> message")
+    terminalreporter.write_line("| case | exit | message |")
+    terminalreporter.write_line("|---|---|---|")
+    for r in rows:
+        message = r["message"].replace("|", r"\|")  # a Markdown table cell
+        terminalreporter.write_line(f"| {r['case']} | {r['code']} | {message} |")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     """Print the composition matrix: method x dataset -> accuracy before -> after, or the refusal."""
+    print_bad_inputs(terminalreporter)
     cells = (
         [json.loads(p.read_text()) for p in sorted(MATRIX_DIR.glob("*.json"))] if MATRIX_DIR.exists() else []
     )

@@ -17,6 +17,7 @@ the test split), preferring, when ``test_group_key`` is set, train rows of the r
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from pathlib import Path
@@ -38,14 +39,52 @@ def load_split(source: dict):
 
     path = Path(source["path"]).expanduser()
     if path.is_file():
-        if path.suffix not in LOCAL_BUILDERS:
-            raise ConfigError(
-                f"dataset file '{path}' has suffix '{path.suffix}'; allowed: {', '.join(LOCAL_BUILDERS)}"
-            )
+        check_local_file(path, "dataset file")
         # a single local file is one split, which `datasets` names "train"
-        return load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
+        try:
+            return load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path), split="train")
+        except Exception as err:  # `datasets` tells a bad file in dozens of lines
+            reason = " ".join(str(err.__cause__ or err).split())[:200]
+            raise ConfigError(f"dataset file {path} cannot be read as {path.suffix}: {reason}") from err
     kwargs = {"revision": source["revision"]} if source.get("revision") else {}
     return load_dataset(str(source["path"]), source.get("subset"), split=source["split"], **kwargs)
+
+
+def check_local_file(path: Path, key: str) -> None:
+    """A local split is a readable, non-empty file of a known format; a JSON Lines file's rows are
+    each a JSON object (`datasets` reports a bad row in 85 lines without its number)."""
+    try:
+        if not path.exists():
+            raise ConfigError(f"{key}={path}: no such file or folder; check the path")
+        if path.is_dir():
+            return
+        if path.suffix not in LOCAL_BUILDERS:
+            raise ConfigError(
+                f"{key}={path} has suffix '{path.suffix}'; allowed: {', '.join(LOCAL_BUILDERS)}"
+            )
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise ConfigError(f"{key}={path} cannot be read ({err.strerror}); make it readable") from None
+    if not data.strip():
+        raise ConfigError(f"{key}={path} is empty; point it at a file with rows")
+    if path.suffix == ".jsonl":
+        check_json_lines(path, data)
+
+
+def check_json_lines(path: Path, data: bytes) -> None:
+    """Every non-blank line of a .jsonl file is one JSON object: the first that is not is named."""
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise ConfigError(
+                f"{path}, line {number}: not valid JSON ({err}); fix or delete that line"
+            ) from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}, line {number}: a row must be a JSON object, not {type(row).__name__}")
 
 
 def check_template(template: str, field: str = "question") -> str:

@@ -126,11 +126,11 @@ def in_processes(fn, out: Path, **kwargs: Any) -> dict:
     job, result = out / "launch_job.pkl", out / "launch_result.json"
     with open(job, "wb") as f:
         pickle.dump({"fn": f"{fn.__module__}:{fn.__qualname__}", "out": out, "kwargs": kwargs}, f)
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    command = [sys.executable, "-m", "selfimprove.launched", "accelerate"]
     command += ["--config_file", str(accelerate_config(hardware["accelerate"]))]
     if hardware.get("num_processes"):
         command += ["--num_processes", str(hardware["num_processes"])]
-    command += ["-m", "selfimprove.training.launch", str(job)]
+    command += ["-m", "selfimprove.launched", str(job)]
     threads = str(hardware.get("num_threads") or os.environ.get("OMP_NUM_THREADS") or 1)
     env = {**os.environ, LAUNCHED: "1", "OMP_NUM_THREADS": threads}
     code = subprocess.run(command, env=env).returncode
@@ -143,14 +143,14 @@ def in_processes(fn, out: Path, **kwargs: Any) -> dict:
 
 
 def main() -> None:
-    """In each launched process: run the pickled stage body; rank 0 writes its result."""
+    """In each launched process (selfimprove/launched.py): run the pickled stage body; rank 0
+    writes its result. The libraries' progress bars are off here too, as in the pipeline process."""
+    from selfimprove.app import quiet_libraries
+
+    quiet_libraries()
     with open(sys.argv[1], "rb") as f:
         job = pickle.load(f)
     module, _, name = job["fn"].partition(":")
     counts = getattr(importlib.import_module(module), name)(job["out"], **job["kwargs"])
     if is_main_process():
         (Path(job["out"]) / "launch_result.json").write_text(json.dumps(counts))
-
-
-if __name__ == "__main__":
-    main()
