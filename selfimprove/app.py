@@ -149,16 +149,20 @@ def print_table(console, rows: list[dict]) -> None:
 
 
 def quiet_libraries() -> None:
-    """Our stage lines are the progress display; silence the libraries' own bars and notices."""
+    """Our bars (selfimprove/progress.py) show each stage's progress: silence the libraries' own
+    bars that would repeat them (datasets' map, transformers' weight loading) and their notices,
+    but let hub downloads show theirs (transformers turns those off along with its own)."""
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
+    import huggingface_hub
     import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.enable_progress_bars()
 
 
 def run(cfg: DictConfig) -> list[dict]:
@@ -194,6 +198,7 @@ def run(cfg: DictConfig) -> list[dict]:
         neutral=planned.neutral,
         log=console.print,
         on_record=tracker.log,
+        on_stage=tracker.log_stage,
         store=store,
     ) as r:
         try:

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from selfimprove.generation import cut_at_stop, output_records
 from selfimprove.models import load_model, model_meta, prompt_texts
 from selfimprove.pipeline import Artifact
 
 
 def generate(
-    model: Artifact, records: list[dict], sampling: dict, generator: dict, hardware: dict, seed: int
+    model: Artifact,
+    records: list[dict],
+    sampling: dict,
+    generator: dict,
+    hardware: dict,
+    seed: int,
+    advance: Callable[[int], None] = lambda n: None,
 ) -> list[dict]:
+    """Batches of ``generator.batch_size`` sequences; ``advance`` hears of each batch's prompts."""
     import torch
 
     lm, tokenizer = load_model(model, hardware)
@@ -65,6 +74,7 @@ def generate(
                     if top_k:
                         extra["top_logprobs"] = scores[1][row][: len(tokens)]
                 results[idx[row // (1 if greedy else n)]].append((text, len(tokens), extra))
+            advance(len(idx))
     return output_records(records, results)
 
 
