@@ -78,8 +78,10 @@ class Bar:
             self._draw()
 
     def _draw(self) -> None:
-        if self.task is None:
-            self.task = _live().add_task(self.description, total=self.total or None, unit=self.unit, note="")
+        if self.task is None:  # from resumed_at, so that rich's speed (the ETA) counts this run's work only
+            self.task = _live().add_task(
+                self.description, total=self.total or None, completed=self.resumed_at, unit=self.unit, note=""
+            )
         _display.update(self.task, completed=self.completed, note=self.shown_notes())
 
     def shown_notes(self) -> str:
