@@ -63,6 +63,7 @@ class Bar:
         _open.append(self)
 
     def advance(self, n: int = 1) -> None:
+        """Count ``n`` more units done; ``advance(0)`` shows the bar before the first unit is."""
         self.set(self.completed + n)
 
     def set(self, completed: int) -> None:

@@ -22,6 +22,7 @@ def generate(
     import torch
 
     lm, tokenizer = load_model(model, hardware)
+    advance(0)  # the bar shows from here: after a download's own bar, before the first batch
     # instruct models: the prompt record is the user turn, wrapped by the tokenizer's chat template
     texts, special_tokens = prompt_texts(model_meta(model), tokenizer, [r["prompt"] for r in records])
     n, greedy = sampling["n"], sampling["temperature"] == 0

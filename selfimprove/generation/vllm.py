@@ -161,6 +161,8 @@ def progress_reporter(first: int, prompts: int):
     class ToParent(tqdm):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{**kwargs, "file": open(os.devnull, "w")})
+            if self.iterable is None and _progress_queue is not None:
+                _progress_queue.put((first, 0))  # generation starts: the parent shows its bar now
 
         sent = 0
 

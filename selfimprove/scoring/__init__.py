@@ -27,6 +27,7 @@ def score_in_chunks(task: tasks.Task, records: list[dict], advance: Callable[[in
     progress; a chunk stays large enough for the verifier's own parallel workers."""
     size = max(64, -(-len(records) // 20))
     scored: list[dict] = []
+    advance(0)  # the bar shows during the first chunk too
     for start in range(0, len(records), size):
         scored += score_records(task, records[start : start + size])
         advance(len(records[start : start + size]))

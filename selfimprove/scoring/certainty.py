@@ -24,6 +24,7 @@ def certainties(
     import torch
 
     lm, tokenizer = load_model(model, hardware)
+    advance(0)  # the bar shows from here (after the model loads)
     # the context the completions were generated in (chat template, BOS) as the generators build it
     texts, special_tokens = prompt_texts(model_meta(model), tokenizer, [r["prompt"] for r in records])
     out: list[float | None] = []

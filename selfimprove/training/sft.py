@@ -122,6 +122,7 @@ class TrainProgress:
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:  # a resumed run starts at its checkpoint's step
             self.bar = progress.Bar("train", state.max_steps, "steps", completed=state.global_step)
+            self.bar.advance(0)  # shown during the first step too
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
