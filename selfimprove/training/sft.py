@@ -125,12 +125,13 @@ class TrainProgress:
             self.bar.advance(0)  # shown during the first step too
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
+        if self.bar is not None and not control.should_log:  # else on_log moves it, with this step's loss
             self.bar.set(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is not None and logs and "loss" in logs:
             self.bar.note(loss=f"{float(logs['loss']):.4f}")
+            self.bar.set(state.global_step)
 
     def close(self) -> None:
         if self.bar is not None:
