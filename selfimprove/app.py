@@ -179,16 +179,20 @@ def print_table(console, rows: list[dict]) -> None:
 
 
 def quiet_libraries() -> None:
-    """Our stage lines are the progress display; silence the libraries' own bars and notices."""
+    """Our bars (selfimprove/progress.py) show each stage's progress: silence the libraries' own
+    bars that would repeat them (datasets' map, transformers' weight loading) and their notices,
+    but let hub downloads show theirs (transformers turns those off along with its own)."""
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
+    import huggingface_hub
     import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.enable_progress_bars()
 
 
 def run(cfg: DictConfig) -> list[dict]:
@@ -225,7 +229,7 @@ def run(cfg: DictConfig) -> list[dict]:
         write_text_atomic(root / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         write_text_atomic(root / "overrides.yaml", OmegaConf.to_yaml(command_overrides()))
         tracker = Tracker(cfg, root, group=sweep_name())
-        r.on_record = tracker.log
+        r.on_record, r.on_stage = tracker.log, tracker.log_stage
         try:
             METHODS.get(cfg.method.name)(cfg, r)
         except StopRequested:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfimprove import tasks
+from selfimprove import progress, tasks
 from selfimprove.generation import sample
 from selfimprove.metrics import by_prompt, fraction, maj_at_k, pass_at_k
 from selfimprove.pipeline import Artifact, stage, write_json_atomic, write_jsonl
@@ -68,27 +68,32 @@ def evaluate(
     writes metrics.json and samples.jsonl."""
     task = tasks.load(dataset)
     metrics, all_scored, tokens = {}, [], 0
-    for level, records in task.test_sets().items():
-        budget = task.max_new_tokens(records[0])
-        greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": budget, "stop": []}
-        scored = score_records(task, sample(model, records, greedy, generator, hardware, seed))
-        judged = [r["reward"] for r in scored if r["reward"] is not None]
-        metrics[f"acc/{level}"] = fraction(judged, 0.0)
-        tokens += sum(r["meta"]["tokens"] for r in scored)
-        all_scored += scored
-        if eval and eval["sampled"]:
-            sampling = {
-                "n": eval["n"],
-                "temperature": eval["temperature"],
-                "top_p": eval["top_p"],
-                "max_tokens": budget,
-                "stop": [],
-            }
-            drawn = score_records(task, sample(model, records, sampling, generator, hardware, seed))
-            extra, drawn = sampled_metrics(task, model, level, eval, drawn, hardware)
-            metrics.update(extra)
-            tokens += sum(r["meta"]["tokens"] for r in drawn)
-            all_scored += [{**r, "meta": {**r["meta"], "sampled": True}} for r in drawn]
+    test_sets = task.test_sets()
+    passes = 2 if eval and eval["sampled"] else 1  # greedy, then sampled
+    with progress.bar("eval", passes * sum(map(len, test_sets.values())), "items") as advance:
+        for level, records in test_sets.items():
+            budget = task.max_new_tokens(records[0])
+            greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": budget, "stop": []}
+            scored = score_records(task, sample(model, records, greedy, generator, hardware, seed, advance))
+            judged = [r["reward"] for r in scored if r["reward"] is not None]
+            metrics[f"acc/{level}"] = fraction(judged, 0.0)
+            tokens += sum(r["meta"]["tokens"] for r in scored)
+            all_scored += scored
+            if eval and eval["sampled"]:
+                sampling = {
+                    "n": eval["n"],
+                    "temperature": eval["temperature"],
+                    "top_p": eval["top_p"],
+                    "max_tokens": budget,
+                    "stop": [],
+                }
+                drawn = score_records(
+                    task, sample(model, records, sampling, generator, hardware, seed, advance)
+                )
+                extra, drawn = sampled_metrics(task, model, level, eval, drawn, hardware)
+                metrics.update(extra)
+                tokens += sum(r["meta"]["tokens"] for r in drawn)
+                all_scored += [{**r, "meta": {**r["meta"], "sampled": True}} for r in drawn]
     metrics["tokens/eval"] = tokens
     write_json_atomic(out / "metrics.json", metrics)
     write_jsonl(out / "samples.jsonl", all_scored)

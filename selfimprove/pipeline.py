@@ -239,6 +239,7 @@ class Run:
     replay: bool = False  # with plan_only: record the metrics lines whose stages are all done
     log: Callable[[str], None] = print
     on_record: Callable[[dict], None] | None = None
+    on_stage: Callable[[Artifact], None] | None = None  # each stage once done (computed, shared or reused)
     store: Any = None  # a selfimprove.store.Store: stages with the same fingerprint are computed once
     neutral: frozenset[str] = frozenset()  # input keys left out of fingerprints (fingerprint_of)
     plan: list[StageStatus] = field(default_factory=list)
@@ -321,6 +322,8 @@ class Run:
                     else:
                         self._compute(name, fn, inputs, path, fp)
                         self.store.publish(fp, path)
+        if self.on_stage is not None:
+            self.on_stage(artifact)
         if self.stop_after is not None and matches_stop(self.stop_after, name):
             self._stopped_after = name
         return artifact

@@ -5,6 +5,7 @@ DeepSpeed configs need GPUs: on CPU accelerate falls back to plain data parallel
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -25,6 +26,10 @@ def test_warm_start_trains_in_two_accelerate_processes_and_the_model_evaluates(t
     names = sorted(p.name for p in (run_dir / "warmstart/train").iterdir())
     assert names == ["_DONE.json", "log_history.json", "model", "model_meta.json"], names
     assert (run_dir / "warmstart/eval/_DONE.json").exists(), proc.stdout
+    # the training bar reaches the terminal from the launched processes, once (rank 0's), as plain
+    # lines here (no terminal): every tenth said once, up to 100 %
+    percents = re.findall(r"^  train \d+/30 steps \((\d+)%\)", proc.stdout, re.M)
+    assert percents and percents == sorted(set(percents), key=int) and percents[-1] == "100", proc.stdout
     # the same command finds everything done
     again = selfimprove("run", *args, f"run_dir={run_dir}", "stop_after=warmstart/eval", cwd=tmp_path)
     assert "0 stages computed" in again.stdout, again.stdout

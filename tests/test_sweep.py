@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from selfimprove.pipeline import DONE, read_jsonl
+from selfimprove.tracking import offline_records
 from tests.conftest import kill_when, selfimprove
 
 pytestmark = pytest.mark.slow
@@ -42,27 +42,9 @@ def markers(job: Path) -> dict[str, float]:
 
 def wandb_runs(job: Path) -> list[tuple[str, str]]:
     """(run id, group) of each offline wandb run of a job, read from its .wandb record log."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    found = []
-    for path in sorted(job.glob("wandb/offline-run-*/run-*.wandb")):
-        data, pos, buf = path.read_bytes(), 7, b""
-        while pos + 7 <= len(data):  # LevelDB log: 32 KiB blocks of (crc, length, type) chunks
-            if 32768 - pos % 32768 < 7:
-                pos += 32768 - pos % 32768
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-            chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-            buf = chunk if kind in (1, 2) else buf + chunk
-            if kind in (1, 4):
-                record = pb.Record()
-                record.ParseFromString(buf)
-                if record.WhichOneof("record_type") == "run":
-                    found.append((record.run.run_id, record.run.run_group))
-                    break
-            if kind == 0:
-                break
-    return found
+    return [
+        (r.run.run_id, r.run.run_group) for r in offline_records(job) if r.WhichOneof("record_type") == "run"
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -81,12 +81,12 @@ def setup(tmp_path_factory):
     }
 
 
-def generate(backend, setup, sampling, model="base", seed=0):
+def generate(backend, setup, sampling, model="base", seed=0, advance=lambda n: None):
     from selfimprove.generation import vllm
 
     fn = {"hf": hf.generate, "vllm": vllm.generate}[backend]
     full = {"top_p": 1.0, "stop": [], "logprobs": None, **sampling}
-    return fn(setup[model], setup["records"], full, setup["generator"], setup["hardware"], seed)
+    return fn(setup[model], setup["records"], full, setup["generator"], setup["hardware"], seed, advance)
 
 
 @pytest.fixture(scope="module")
@@ -148,10 +148,16 @@ def test_per_request_seeds_reproduce_and_differ_between_identical_prompts(setup)
     assert PROMPTS[0] == PROMPTS[-1] and by_prompt[0] != by_prompt[-1], "one seed per request, not per batch"
     assert len(set(by_prompt[0])) > 1, "the n samples of one prompt differ"
     # two engines at once (data parallel), each on half the prompts: the same samples
+    reported: list[int] = []  # prompts done, as the engines' children report them (progress bar)
     parallel = generate(
-        "vllm", {**setup, "hardware": {**setup["hardware"], "data_parallel_size": 2}}, sampling, seed=7
+        "vllm",
+        {**setup, "hardware": {**setup["hardware"], "data_parallel_size": 2}},
+        sampling,
+        seed=7,
+        advance=reported.append,
     )
     assert [(r["id"], r["completion"]) for r in parallel] == [(r["id"], r["completion"]) for r in first]
+    assert sum(reported) == len(PROMPTS) and min(reported) >= 0 and len([n for n in reported if n]) >= 2
 
 
 def test_lora_adapter_is_served(setup, greedy):

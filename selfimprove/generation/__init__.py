@@ -12,8 +12,10 @@ log-probabilities, before temperature/top-p) and, for ``logprobs > 0``, ``top_lo
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
+from selfimprove import progress
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_jsonl
 from selfimprove.registry import ConfigError, Registry
 
@@ -70,12 +72,23 @@ def check_sampling(sampling: dict) -> None:
 
 
 def sample(
-    model: Artifact, records: list[dict], sampling: dict, generator: dict, hardware: dict, seed: int
+    model: Artifact,
+    records: list[dict],
+    sampling: dict,
+    generator: dict,
+    hardware: dict,
+    seed: int,
+    advance: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """Generate ``sampling['n']`` completions per record with the configured backend."""
+    """Generate ``sampling['n']`` completions per record with the configured backend. Progress goes
+    to ``advance(prompts done)``: a caller with its own bar (eval, judge) passes it; else a
+    "generate" bar counts the prompts."""
     check_sampling(sampling)
     backend = BACKENDS.get(resolve_backend(generator, hardware, say=lambda _: None))
-    return backend(model, records, sampling, generator, hardware, seed)
+    if advance is not None:
+        return backend(model, records, sampling, generator, hardware, seed, advance)
+    with progress.bar("generate", len(records), "prompts") as advance:
+        return backend(model, records, sampling, generator, hardware, seed, advance)
 
 
 def output_records(records: list[dict], completions: list[list[tuple[str, int, dict]]]) -> list[dict]:

@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from selfimprove.generation import cut_at_stop, output_records
 from selfimprove.models import load_model, model_meta, prompt_texts
 from selfimprove.pipeline import Artifact
 
 
 def generate(
-    model: Artifact, records: list[dict], sampling: dict, generator: dict, hardware: dict, seed: int
+    model: Artifact,
+    records: list[dict],
+    sampling: dict,
+    generator: dict,
+    hardware: dict,
+    seed: int,
+    advance: Callable[[int], None] = lambda n: None,
 ) -> list[dict]:
+    """Batches of ``generator.batch_size`` sequences; ``advance`` hears of each batch's prompts."""
     import torch
 
     lm, tokenizer = load_model(model, hardware)
+    advance(0)  # the bar shows from here: after a download's own bar, before the first batch
     # instruct models: the prompt record is the user turn, wrapped by the tokenizer's chat template
     texts, special_tokens = prompt_texts(model_meta(model), tokenizer, [r["prompt"] for r in records])
     n, greedy = sampling["n"], sampling["temperature"] == 0
@@ -65,6 +75,7 @@ def generate(
                     if top_k:
                         extra["top_logprobs"] = scores[1][row][: len(tokens)]
                 results[idx[row // (1 if greedy else n)]].append((text, len(tokens), extra))
+            advance(len(idx))
     return output_records(records, results)
 
 

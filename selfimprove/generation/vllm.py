@@ -17,8 +17,10 @@ import json
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 from selfimprove.errors import RunError
@@ -28,14 +30,16 @@ from selfimprove.pipeline import Artifact
 
 
 def generate(
-    model: Artifact, records: list[dict], sampling: dict, generator: dict, hardware: dict, seed: int
+    model: Artifact,
+    records: list[dict],
+    sampling: dict,
+    generator: dict,
+    hardware: dict,
+    seed: int,
+    advance: Callable[[int], None] = lambda n: None,
 ) -> list[dict]:
     job = engine_job(model, [r["prompt"] for r in records], sampling, hardware, seed)
-    shards = data_parallel_jobs(job, hardware)
-    if len(shards) == 1:
-        return output_records(records, run_in_subprocess(job)["completions"])
-    with ProcessPoolExecutor(len(shards), mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = list(pool.map(run_engine, shards))
+    results = run_in_subprocesses(data_parallel_jobs(job, hardware), advance)
     return output_records(records, [c for r in results for c in r["completions"]])
 
 
@@ -106,10 +110,77 @@ def lora_rank_slot(rank: int) -> int:
 
 
 def run_in_subprocess(job: dict) -> dict:
-    """Run :func:`run_engine` in a spawned child and return its result; the child's memory (weights,
-    KV cache) is released when it exits. An error in the child is re-raised here."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(run_engine, job).result()
+    """Run one engine job in a spawned child (bench_generate.py's entry)."""
+    return run_in_subprocesses([job])[0]
+
+
+def run_in_subprocesses(jobs: list[dict], advance: Callable[[int], None] = lambda n: None) -> list[dict]:
+    """Run :func:`run_engine` for each job in its own spawned child and return their results; a
+    child's memory (weights, KV cache) is released when it exits and its error is re-raised here.
+    The children report prompts done through a queue, passed on to ``advance`` as they come."""
+    spawn = multiprocessing.get_context("spawn")
+    queue = spawn.Queue()  # handed over at the children's start (initargs): the only way to share one
+    with ProcessPoolExecutor(len(jobs), mp_context=spawn, initializer=report_to, initargs=(queue,)) as pool:
+        futures = [pool.submit(run_engine, job) for job in jobs]
+        done = {job.get("first", 0): 0 for job in jobs}
+        while not all(f.done() for f in futures):
+            for first, finished in received(queue, timeout=0.2):
+                advance(finished - done[first])
+                done[first] = finished
+        received(queue, timeout=0)  # what is left, so that no child waits to flush it
+        results = [f.result() for f in futures]
+    advance(sum(len(job["prompts"]) for job in jobs) - sum(done.values()))
+    return results
+
+
+def received(queue, timeout: float) -> list:
+    """The messages waiting in ``queue`` (waiting up to ``timeout`` seconds for the first)."""
+    found = []
+    try:
+        found.append(queue.get(timeout=timeout) if timeout else queue.get_nowait())
+        while True:
+            found.append(queue.get_nowait())
+    except Empty:
+        return found
+
+
+_progress_queue = None  # in a child: where its generation progress goes
+
+
+def report_to(queue) -> None:
+    global _progress_queue
+    _progress_queue = queue
+
+
+def progress_reporter(first: int, prompts: int):
+    """vLLM's ``use_tqdm`` accepts a tqdm class: this one draws nothing and sends (first prompt of
+    this engine's slice, prompts done) to the parent. vLLM counts finished requests (with n > 1,
+    samples on some versions), so the share done is converted to prompts."""
+    from tqdm import tqdm
+
+    class ToParent(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "file": open(os.devnull, "w")})
+            if self.iterable is None and _progress_queue is not None:
+                _progress_queue.put((first, 0))  # generation starts: the parent shows its bar now
+
+        sent = 0
+
+        def update(self, n=1):
+            shown = super().update(n)
+            # the bar of finished requests has no iterable ("Adding requests" iterates its prompts)
+            if self.iterable is None and self.total and _progress_queue is not None:
+                finished = min(prompts, round(self.n * prompts / self.total))
+                if finished != self.sent:
+                    _progress_queue.put((first, finished))
+                    self.sent = finished
+            return shown
+
+        def close(self):
+            super().close()
+            self.fp.close()
+
+    return ToParent
 
 
 def run_engine(job: dict) -> dict:
@@ -158,7 +229,7 @@ def run_engine(job: dict) -> dict:
             texts,
             params,
             lora_request=lora,
-            use_tqdm=False,
+            use_tqdm=progress_reporter(job.get("first", 0), len(job["prompts"])),
             tokenization_kwargs={"add_special_tokens": special_tokens},
         )
         completions = [[completion(c, s.get("logprobs")) for c in out.outputs] for out in outputs]

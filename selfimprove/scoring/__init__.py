@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
-from selfimprove import tasks
+from selfimprove import progress, tasks
 from selfimprove.metrics import fraction
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_jsonl
 
@@ -19,6 +20,18 @@ def score_records(task: tasks.Task, records: list[dict]) -> list[dict]:
         meta=[r.get("meta", {}) for r in records],
     )
     return [{**r, "reward": rw} for r, rw in zip(records, rewards)]
+
+
+def score_in_chunks(task: tasks.Task, records: list[dict], advance: Callable[[int], None]) -> list[dict]:
+    """:func:`score_records` a twentieth at a time, so that a slow verifier (the code sandbox) shows
+    progress; a chunk stays large enough for the verifier's own parallel workers."""
+    size = max(64, -(-len(records) // 20))
+    scored: list[dict] = []
+    advance(0)  # the bar shows during the first chunk too
+    for start in range(0, len(records), size):
+        scored += score_records(task, records[start : start + size])
+        advance(len(records[start : start + size]))
+    return scored
 
 
 def coverage(records: list[dict]) -> dict:
@@ -38,6 +51,8 @@ def coverage(records: list[dict]) -> dict:
 @stage(version=1)
 def score(out: Path, samples: Artifact, dataset: dict) -> dict:
     """Stage: verify every sample; writes scored.jsonl."""
-    scored = score_records(tasks.load(dataset), read_jsonl(samples.file("samples.jsonl")))
+    records = read_jsonl(samples.file("samples.jsonl"))
+    with progress.bar("score", len(records), "samples") as advance:
+        scored = score_in_chunks(tasks.load(dataset), records, advance)
     write_jsonl(out / "scored.jsonl", scored)
     return coverage(scored)

@@ -3,18 +3,28 @@ model over prompt + completion; the score is the mean over completion tokens of 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+from selfimprove import progress
 from selfimprove.metrics import fraction, self_certainty
 from selfimprove.models import load_model, model_meta, prompt_texts
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_jsonl
 
 
-def certainties(model: Artifact | Path, records: list[dict], hardware: dict, batch_size: int = 64) -> list:
-    """Self-certainty of each record's completion under ``model`` (None for an empty completion)."""
+def certainties(
+    model: Artifact | Path,
+    records: list[dict],
+    hardware: dict,
+    batch_size: int = 64,
+    advance: Callable[[int], None] = lambda n: None,
+) -> list:
+    """Self-certainty of each record's completion under ``model`` (None for an empty completion);
+    ``advance`` hears of each batch's records."""
     import torch
 
     lm, tokenizer = load_model(model, hardware)
+    advance(0)  # the bar shows from here (after the model loads)
     # the context the completions were generated in (chat template, BOS) as the generators build it
     texts, special_tokens = prompt_texts(model_meta(model), tokenizer, [r["prompt"] for r in records])
     out: list[float | None] = []
@@ -36,6 +46,7 @@ def certainties(model: Artifact | Path, records: list[dict], hardware: dict, bat
             for i, (p, c) in enumerate(zip(prompts, comps)):
                 # logits at position t predict token t+1: the completion is predicted by p-1 .. p+c-2
                 out.append(self_certainty(logits[i, len(p) - 1 : len(p) + len(c) - 1]) if c else None)
+            advance(len(batch))
     return out
 
 
@@ -43,7 +54,8 @@ def certainties(model: Artifact | Path, records: list[dict], hardware: dict, bat
 def certainty(out: Path, model: Artifact, scored: Artifact, hardware: dict) -> dict:
     """Stage: scored.jsonl with each sample's self-certainty under the model that generated it."""
     records = read_jsonl(scored.file("scored.jsonl"))
-    values = certainties(model, records, hardware)
+    with progress.bar("certainty", len(records), "samples") as advance:
+        values = certainties(model, records, hardware, advance=advance)
     write_jsonl(out / "scored.jsonl", [{**r, "certainty": v} for r, v in zip(records, values)])
     known = [v for v in values if v is not None]
     return {"certainty_mean": fraction(known)}

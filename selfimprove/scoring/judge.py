@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from selfimprove import tasks
+from selfimprove import progress, tasks
 from selfimprove.generation import sample
 from selfimprove.metrics import fraction as mean  # eft_examples has a stage input named fraction
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
@@ -163,8 +163,9 @@ def judge_responses(
             f"judge.samples={judge['samples']} with judge.temperature=0 repeats one judgement; set samples=1 or temperature>0"
         )
     texts: dict[str, list[str]] = defaultdict(list)
-    for o in sample(model, requests, sampling, generator, hardware, seed) if records else []:
-        texts[o["id"]].append(o["completion"])
+    with progress.bar("judge", len(requests), "responses") as advance:
+        for o in sample(model, requests, sampling, generator, hardware, seed, advance) if records else []:
+            texts[o["id"]].append(o["completion"])
     judged = []
     for i, r in enumerate(records):
         scores = [s for s in (j.parse(t) for t in texts[str(i)]) if s is not None]

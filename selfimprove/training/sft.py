@@ -20,6 +20,7 @@ import json
 import shutil
 from pathlib import Path
 
+from selfimprove import progress
 from selfimprove.errors import RunError
 from selfimprove.models import load_model, resolve_device, uses_chat_template
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
@@ -64,7 +65,12 @@ def train_resuming(trainer, out: Path) -> str | None:
     """Train, continuing from the last checkpoint a killed run left in ``out`` (its name, or None)."""
     trainer.add_callback(as_callback(NoFinalCheckpoint))
     resume = last_checkpoint(out)
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, TrainProgress):
+                callback.close()
     return Path(resume).name if resume else None
 
 
@@ -106,15 +112,31 @@ def trainer_args(train: dict, hardware: dict, out: Path, seed: int) -> dict:
     )
 
 
-class ProgressLines:
-    """A TrainerCallback printing one short line per logging step (instead of raw log dicts)."""
+class TrainProgress:
+    """A TrainerCallback showing a bar of optimizer steps with the last logged loss and an ETA (plain
+    lines every ~10 % without a terminal); rank 0 only, so that a multi-process run shows one."""
 
-    def __init__(self, say=print):
-        self.say = say
+    def __init__(self):
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # a resumed run starts at its checkpoint's step
+            self.bar = progress.Bar("train", state.max_steps, "steps", completed=state.global_step)
+            self.bar.advance(0)  # shown during the first step too
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None and not control.should_log:  # else on_log moves it, with this step's loss
+            self.bar.set(state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs and state.is_world_process_zero:  # one line per step, not per process
-            self.say(f"    step {state.global_step}/{state.max_steps}  loss {float(logs['loss']):.4f}")
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.note(loss=f"{float(logs['loss']):.4f}")
+            self.bar.set(state.global_step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def as_callback(events: type):
@@ -126,12 +148,13 @@ def as_callback(events: type):
 
 
 def quiet_trainer(trainer) -> None:
-    """Swap the trainer's dict-printing callbacks for ProgressLines."""
+    """Swap the trainer's dict-printing callbacks for our TrainProgress bar (train_resuming closes
+    it however training ends)."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(as_callback(ProgressLines))
+    trainer.add_callback(as_callback(TrainProgress))
 
 
 def save_trained(trainer, tokenizer, out: Path) -> dict:
