@@ -171,3 +171,20 @@ def test_every_experiment_layout_composes():
         # accuracies, and the filter counts length_gen records per round (tests/test_length_gen.py)
         named = [c.metric for c in layout.columns if not c.metric.startswith("acc/")]
         assert layout.columns and set(named) <= {"kept", "label_accuracy"}
+
+
+def test_cli_prints_the_table_and_where_it_is_written(sweep, tmp_path):
+    from tests.conftest import selfimprove
+
+    proc = selfimprove("report", str(sweep), "--format", "latex", "--spread", "se", cwd=tmp_path)
+    lines = proc.stdout.splitlines()
+    assert lines[-2:] == [
+        f"table: {sweep / 'report' / 'table.tex'}",
+        f"plot: {sweep / 'report' / 'acc_3.png'}",
+    ]
+    assert "\n".join(lines[:-2]) + "\n" == (sweep / "report" / "table.tex").read_text()
+    assert r"$80.0 \pm 10.0$" in proc.stdout  # s.e. = 14.1 / sqrt(2)
+    bad = selfimprove("report", str(sweep), "--spread", "var", cwd=tmp_path, check=False)
+    assert (
+        bad.returncode == 2 and bad.stderr == "error: unknown report spread 'var'; available: none, se, std\n"
+    )
