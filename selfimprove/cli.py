@@ -18,7 +18,7 @@ from selfimprove.registry import ConfigError, unknown_choice
 COMMANDS = {
     "run": "run (or resume) an experiment: selfimprove run [-m] [group=option ...] [key=value ...]",
     "plan": "what a run would do, without running it: stages, settings, parameters, memory per stage: selfimprove plan [-m] [overrides]",
-    "report": "tables (md, latex, csv) and plots of a run or sweep directory: selfimprove report PATH [--format md] [--out DIR]",
+    "report": "tables (md, latex, csv) and plots of a run or sweep directory: selfimprove report PATH [--format md|latex|csv] [--spread std|se|none] [--per-seed] [--check]",
     "status": "show which stages of a run directory are done, pending, partial, changed or damaged: selfimprove status RUN_DIR",
 }
 GROUP_OVERRIDE = re.compile(r"^[+~]?(?P<group>[\w./-]+?)(@[\w.]+)?=(?P<value>.*)$")
@@ -336,7 +336,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def report_command(args: list[str]) -> int:
-    from selfimprove.report import FORMATS, report
+    from selfimprove.report import FORMATS, SPREADS, report
 
     parser = OneLineParser(prog="selfimprove report", description=COMMANDS["report"])
     parser.add_argument("path", type=Path, help="a run directory or a sweep directory")
@@ -346,14 +346,32 @@ def report_command(args: list[str]) -> int:
     )
     parser.add_argument("--metrics", help="comma-separated metrics, overriding the config's report.columns")
     parser.add_argument("--iterations", help="comma-separated iterations (integers, first, last)")
+    parser.add_argument(
+        "--spread", default="std", help=f"after each mean: {', '.join(SPREADS)} (s.e. = std / sqrt(seeds))"
+    )
+    parser.add_argument("--per-seed", action="store_true", help="a row per seed under each setting")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="compare the table with the config's report.expected (exit 1 when a cell is off)",
+    )
     ns = parser.parse_args(args)
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
     try:
-        text, plots = report(ns.path, ns.format, ns.out, split(ns.metrics), split(ns.iterations))
+        if ns.check:
+            from selfimprove.contract import check
+
+            lines, ok = check(ns.path)
+            print("\n".join(lines))
+            return 0 if ok else 1
+        text, table_file, plots = report(
+            ns.path, ns.format, ns.out, split(ns.metrics), split(ns.iterations), ns.spread, ns.per_seed
+        )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(text, end="")
+    print(f"table: {table_file}")
     for p in plots:
         print(f"plot: {p}")
     return 0

@@ -54,6 +54,14 @@ class Isolation(str, Enum):
     guarded = "guarded"
 
 
+class Better(str, Enum):
+    """Which way a report column improves: its best value is shown in bold (none: no bold)."""
+
+    higher = "higher"
+    lower = "lower"
+    none = "none"
+
+
 class WandbMode(str, Enum):
     offline = "offline"
     online = "online"
@@ -367,6 +375,37 @@ class ReportColumn:
     # this column's number format; null = the report's scale / decimals
     scale: float | None = None
     decimals: int | None = None
+    # which way is better (accuracy: higher; a wrong-answer rate: lower; a count: none)
+    better: Better = Better.higher
+    # the title as LaTeX source (e.g. $\Delta^{i\to c}$); null = the title, escaped
+    latex: str | None = None
+
+
+@dataclass
+class Provenance:
+    """Where a contract's figures were measured."""
+
+    machine: str = MISSING
+    commit: str = MISSING
+    date: str = MISSING
+    command: str = MISSING
+
+
+@dataclass
+class ExpectedRow:
+    # the row's label as `selfimprove report` prints it (all runs: a single setting)
+    setting: str = MISSING
+    # seeds averaged in the recorded row; null = not checked
+    seeds: int | None = None
+    # column title -> the recorded mean, or {value: x, tolerance: y} for a cell's own tolerance
+    cells: dict[str, Any] = MISSING
+
+
+@dataclass
+class Expected:
+    source: Provenance = MISSING
+    tolerance: float = MISSING
+    rows: list[ExpectedRow] = MISSING
 
 
 @dataclass
@@ -376,6 +415,7 @@ class Report:
     plots: list[str] | None = MISSING
     scale: float = MISSING
     decimals: int = MISSING
+    expected: Expected | None = MISSING
 
 
 @dataclass

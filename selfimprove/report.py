@@ -1,9 +1,11 @@
 """Paper-style tables and plots from run and sweep directories: ``selfimprove report PATH``.
 
 Rows are the settings that differ between the runs (read from each run's ``overrides.yaml``, the
-seed left out), cells are mean ± std over the seeds of a setting. The columns come from the
-``report:`` node of the runs' config (``conf/config.yaml`` and ``conf/experiment/*.yaml``), so a
-paper's table layout is config, not code; ``--metrics``/``--iterations`` override it.
+seed left out), cells are the mean over the seeds of a setting, ± their std or standard error
+(``spread``), optionally with a row per seed. The columns come from the ``report:`` node of the
+runs' config (``conf/config.yaml`` and ``conf/experiment/*.yaml``), so a paper's table layout is
+config, not code; ``--metrics``/``--iterations`` override it. Each column says which way is better,
+and its best value is bold.
 """
 
 from __future__ import annotations
@@ -17,10 +19,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfimprove.app import keys_outside_run_identity, metrics_from_stages
-from selfimprove.pipeline import METRICS, read_metrics
+from selfimprove.config import Better, ReportColumn
+from selfimprove.pipeline import METRICS, read_metrics, write_text_atomic
 from selfimprove.registry import ConfigError, unknown_choice
 
 FORMATS = {"md": "md", "latex": "tex", "csv": "csv"}
+# what follows a mean: the std over seeds, the standard error of the mean (std / sqrt(n)), nothing
+SPREADS = {"std": "std", "se": "s.e.", "none": ""}
+# LaTeX's special characters, and the non-ASCII ones our titles use that pdflatex does not know
+LATEX_CHARS = {
+    **{c: "\\" + c for c in "&%$#_{}"},
+    "\\": r"\textbackslash{}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+    "|": r"\textbar{}",
+    "Δ": r"\ensuremath{\Delta}",
+    "→": r"\ensuremath{\rightarrow}",
+    "±": r"\ensuremath{\pm}",
+    "×": r"\ensuremath{\times}",
+    "≤": r"\ensuremath{\leq}",
+    "≥": r"\ensuremath{\geq}",
+    "−": r"\ensuremath{-}",
+    "–": "--",
+    "—": "---",
+}
 
 
 @dataclass
@@ -29,6 +53,7 @@ class RunResult:
     setting: dict[str, str]
     rows: dict[int, dict]
     layout: dict
+    seed: str = "?"
 
 
 @dataclass
@@ -44,6 +69,14 @@ class Column:
     # report.decimals unless the column sets its own, e.g. scale 1 for a count next to percentages)
     scale: float = 1
     decimals: int = 3
+    # higher | lower | none: which value is best (bold) in the table
+    better: str = ReportColumn.better.value
+    # the title as LaTeX source; None = the title, escaped
+    latex: str | None = None
+
+    def text(self, value: float) -> str:
+        """A value as the table shows it."""
+        return f"{value * self.scale:.{self.decimals}f}"
 
 
 def find_runs(path: Path) -> list[RunResult]:
@@ -75,7 +108,7 @@ def find_runs(path: Path) -> list[RunResult]:
         layout = OmegaConf.to_container(cfg["report"]) if "report" in cfg else {}
         rows = {r["iteration"]: r for r in metrics_of(run)}
         if rows:
-            runs.append(RunResult(run, setting, rows, layout))
+            runs.append(RunResult(run, setting, rows, layout, str(cfg["seed"]) if "seed" in cfg else "?"))
     if not runs:
         raise ConfigError(f"{path} holds no finished iteration yet; run the command first")
     return runs
@@ -143,24 +176,40 @@ def columns_of(layout: dict, runs: list[RunResult], metrics: list[str] | None, i
             layout.get(key, default) if spec.get(key) is None else spec[key]
             for key, default in (("scale", 1), ("decimals", 3))
         )
+        better = spec.get("better") or Column.better
+        if better not in Better.__members__:
+            raise unknown_choice(f"report column '{title}' better", better, list(Better.__members__))
         cols.append(
-            Column(spec["metric"], it, title, minus, (spec["iteration"], spec.get("minus")), scale, decimals)
+            Column(
+                spec["metric"],
+                it,
+                title,
+                minus,
+                (spec["iteration"], spec.get("minus")),
+                scale,
+                decimals,
+                better,
+                spec.get("latex"),
+            )
         )
     return cols
 
 
+def run_value(r: RunResult, col: Column) -> float | None:
+    """One run's value in a column (None when its metrics lack it)."""
+    it, minus = col.iteration, col.minus
+    if col.spec[0] in ("first", "last"):
+        it = resolve_iteration(col.spec[0], min(r.rows), max(r.rows))
+    if col.spec[1] in ("first", "last"):
+        minus = resolve_iteration(col.spec[1], min(r.rows), max(r.rows))
+    row, base = r.rows.get(it, {}), r.rows.get(minus, {}) if minus is not None else {}
+    if col.metric not in row or (minus is not None and col.metric not in base):
+        return None
+    return float(row[col.metric]) - (float(base[col.metric]) if minus is not None else 0.0)
+
+
 def cell_values(runs: list[RunResult], col: Column) -> list[float]:
-    values = []
-    for r in runs:
-        it, minus = col.iteration, col.minus
-        if col.spec[0] in ("first", "last"):
-            it = resolve_iteration(col.spec[0], min(r.rows), max(r.rows))
-        if col.spec[1] in ("first", "last"):
-            minus = resolve_iteration(col.spec[1], min(r.rows), max(r.rows))
-        row, base = r.rows.get(it, {}), r.rows.get(minus, {}) if minus is not None else {}
-        if col.metric in row and (minus is None or col.metric in base):
-            values.append(float(row[col.metric]) - (float(base[col.metric]) if minus is not None else 0.0))
-    return values
+    return [v for v in (run_value(r, col) for r in runs) if v is not None]
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -169,17 +218,39 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def mean_spread(values: list[float], spread: str) -> tuple[float, float | None]:
+    """The mean and what ``spread`` names (std, se = std / sqrt(n)); None for one value or none."""
+    mean, std = mean_std(values)
+    if spread == "none" or len(values) < 2:
+        return mean, None
+    return mean, std / math.sqrt(len(values)) if spread == "se" else std
+
+
 def build_table(runs: list[RunResult], cols: list[Column]) -> list[dict]:
-    """Group runs by setting (in first-seen order); per column the mean and std over seeds."""
+    """Group runs by setting (in natural order of the labels); per column the seeds' values."""
     row_labels, _ = labels(runs)
     groups: dict[str, list[RunResult]] = {}
     for label, run in zip(row_labels, runs):
         groups.setdefault(label, []).append(run)
     table = []
     for label, members in sorted(groups.items(), key=lambda kv: natural(kv[0])):
-        cells = {c.title: mean_std(cell_values(members, c)) for c in cols}
+        cells = {c.title: cell_values(members, c) for c in cols}
         table.append({"setting": label, "n": len(members), "cells": cells, "runs": members})
     return table
+
+
+def best_rows(table: list[dict], col: Column) -> set[int]:
+    """Rows holding the column's best mean as shown (ties all count), none when every row shows the
+    same value (nothing to single out) or the column has no direction."""
+    shown = {
+        i: float(col.text(statistics.fmean(row["cells"][col.title])))
+        for i, row in enumerate(table)
+        if row["cells"][col.title]
+    }
+    if col.better == Better.none.value or len(set(shown.values())) < 2:
+        return set()
+    best = (max if col.better == Better.higher.value else min)(shown.values())
+    return {i for i, v in shown.items() if v == best}
 
 
 def natural(text: str) -> list:
@@ -191,52 +262,100 @@ def natural(text: str) -> list:
     ]
 
 
-def fmt(mean: float, std: float, n: int, scale: float, decimals: int, pm: str) -> str:
-    if math.isnan(mean):
-        return "–"
-    text = f"{mean * scale:.{decimals}f}"
-    return text + (f"{pm}{std * scale:.{decimals}f}" if n > 1 else "")
-
-
 def latex_escape(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("&", r"\&"), ("%", r"\%"), ("#", r"\#")):
-        text = text.replace(a, b)
-    return text
+    """Plain text as LaTeX source that prints it (one pass, so no escape is escaped again)."""
+    return "".join(LATEX_CHARS.get(ch, ch) for ch in text)
 
 
-def render(cols: list[Column], table: list[dict], fmt_name: str, caption: str) -> str:
-    titles = [c.title for c in cols]
-    if fmt_name == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["setting", "n"] + [f"{t} {s}" for t in titles for s in ("mean", "std")])
-        for row in table:
-            cells = [f"{v * c.scale:.6g}" for c in cols for v in row["cells"][c.title]]
-            writer.writerow([row["setting"], row["n"], *cells])
-        return buf.getvalue()
-    if fmt_name == "md":
-        lines = [f"**{caption}**", ""] if caption else []
-        lines += ["| setting | seeds | " + " | ".join(titles) + " |", "|---|---:|" + "---:|" * len(titles)]
-        for row in table:
-            cells = [fmt(*row["cells"][c.title], row["n"], c.scale, c.decimals, " ± ") for c in cols]
-            lines.append(f"| {row['setting']} | {row['n']} | " + " | ".join(cells) + " |")
-        return "\n".join(lines) + "\n"
+@dataclass
+class Cell:
+    mean: float | None  # None when the runs lack the value
+    spread: float | None = None
+    bold: bool = False
+
+
+def shown_rows(cols: list[Column], table: list[dict], spread: str, per_seed: bool) -> list[dict]:
+    """The rows as printed: per setting its mean row (seeds, mean, spread, bold if best), then with
+    ``per_seed`` one row per run of it (its seed and its own values)."""
+    best = {c.title: best_rows(table, c) for c in cols}
+    out = []
+    for i, row in enumerate(table):
+        cells = []
+        for c in cols:
+            mean, spread_value = mean_spread(row["cells"][c.title], spread)
+            cells.append(Cell(None if math.isnan(mean) else mean, spread_value, i in best[c.title]))
+        out.append({"setting": row["setting"], "seed": None, "n": row["n"], "cells": cells})
+        for run in row["runs"] if per_seed else []:
+            cells = [Cell(run_value(run, c)) for c in cols]
+            out.append({"setting": row["setting"], "seed": run.seed, "n": "", "cells": cells})
+    return out
+
+
+def render_csv(cols: list[Column], rows: list[dict], caption: str, spread: str, per_seed: bool) -> str:
+    """6 significant digits in the table's scale; a column per mean and spread."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    kinds = ["mean"] + ([spread] if spread != "none" else [])
+    header = ["setting", *(["seed"] if per_seed else []), "n"]
+    writer.writerow(header + [f"{c.title} {kind}" for c in cols for kind in kinds])
+    for row in rows:
+        cells = []
+        for c, cell in zip(cols, row["cells"]):
+            for value in (cell.mean, cell.spread)[: len(kinds)]:
+                cells.append("" if value is None else f"{value * c.scale:.6g}")
+        writer.writerow([row["setting"], *([row["seed"] or ""] if per_seed else []), row["n"], *cells])
+    return buf.getvalue()
+
+
+def render_md(cols: list[Column], rows: list[dict], caption: str, spread: str, per_seed: bool) -> str:
+    def cell(col: Column, c: Cell) -> str:
+        if c.mean is None:
+            return "–"
+        mean = f"**{col.text(c.mean)}**" if c.bold else col.text(c.mean)
+        return mean + ("" if c.spread is None else f" ± {col.text(c.spread)}")
+
+    lines = [f"**{caption}**", ""] if caption else []
+    lines += [
+        "| setting | seeds | " + " | ".join(c.title for c in cols) + " |",
+        "|---|---:|" + "---:|" * len(cols),
+    ]
+    for row in rows:
+        label = row["setting"] if row["seed"] is None else f"↳ seed={row['seed']}"
+        lines.append(f"| {label} | {row['n']} | " + " | ".join(map(cell, cols, row["cells"])) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_latex(cols: list[Column], rows: list[dict], caption: str, spread: str, per_seed: bool) -> str:
+    """A booktabs table: labels and titles escaped (a column's ``latex`` title is used as is), numbers
+    in math mode, the best mean of a column in bold."""
+
+    def cell(col: Column, c: Cell) -> str:
+        if c.mean is None:
+            return "--"
+        mean = rf"\mathbf{{{col.text(c.mean)}}}" if c.bold else col.text(c.mean)
+        return f"${mean}" + ("" if c.spread is None else rf" \pm {col.text(c.spread)}") + "$"
+
+    what = "mean" + (rf" \pm {SPREADS[spread]}" if spread != "none" else "")
     lines = [
+        rf"% selfimprove report: needs \usepackage{{booktabs}}; cells: {what} over the seeds of a setting,"
+        " the best of each column in bold",
         r"\begin{table}[t]",
         r"\centering",
-        r"\begin{tabular}{l" + "r" * (len(titles) + 1) + "}",
+        r"\begin{tabular}{l" + "r" * (len(cols) + 1) + "}",
         r"\toprule",
-        "setting & seeds & " + " & ".join(latex_escape(t) for t in titles) + r" \\",
+        "setting & seeds & " + " & ".join(c.latex or latex_escape(c.title) for c in cols) + r" \\",
         r"\midrule",
     ]
-    for row in table:
-        cells = [
-            "$" + fmt(*row["cells"][c.title], row["n"], c.scale, c.decimals, r" \pm ") + "$" for c in cols
-        ]
-        lines.append(f"{latex_escape(row['setting'])} & {row['n']} & " + " & ".join(cells) + r" \\")
+    for row in rows:
+        seed = row["seed"]
+        label = latex_escape(row["setting"]) if seed is None else rf"\quad seed={latex_escape(seed)}"
+        lines.append(f"{label} & {row['n']} & " + " & ".join(map(cell, cols, row["cells"])) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     lines += [rf"\caption{{{latex_escape(caption)}}}"] if caption else []
     return "\n".join(lines + [r"\end{table}"]) + "\n"
+
+
+RENDERERS = {"md": render_md, "latex": render_latex, "csv": render_csv}
 
 
 def plot(table: list[dict], metrics: list[str], out: Path) -> list[Path]:
@@ -283,23 +402,29 @@ def report(
     out: Path | None = None,
     metrics: list[str] | None = None,
     iterations: list[str] | None = None,
-) -> tuple[str, list[Path]]:
-    """The table as text (also written to ``out/table.<ext>``) and the PNGs written to ``out``."""
+    spread: str = "std",
+    per_seed: bool = False,
+) -> tuple[str, Path, list[Path]]:
+    """The table as text, the file it is written to (``out/table.<ext>``) and the PNGs in ``out``."""
     if fmt_name not in FORMATS:
         raise unknown_choice("report format", fmt_name, list(FORMATS))
+    if spread not in SPREADS:
+        raise unknown_choice("report spread", spread, list(SPREADS))
     runs = find_runs(path)
     layout = runs[0].layout
     cols = columns_of(layout, runs, metrics, iterations)
     table = build_table(runs, cols)
     _, common = labels(runs)
     caption = layout.get("title") or common
-    text = render(cols, table, fmt_name, caption)
-    out = Path(out) if out is not None else Path(path) / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"table.{FORMATS[fmt_name]}").write_text(text)
     plotted = metrics or layout.get("plots") or list(dict.fromkeys(c.metric for c in cols))
     available = {k for r in runs for row in r.rows.values() for k in row}
     for metric in plotted:
         if metric not in available:
             raise unknown_choice("report metric", metric, sorted(available - {"iteration"}))
-    return text, plot(table, plotted, out)
+    rows = shown_rows(cols, table, spread, per_seed)
+    text = RENDERERS[fmt_name](cols, rows, caption, spread, per_seed)
+    out = Path(out) if out is not None else Path(path) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    table_file = out / f"table.{FORMATS[fmt_name]}"
+    write_text_atomic(table_file, text)
+    return text, table_file, plot(table, plotted, out)

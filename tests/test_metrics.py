@@ -77,6 +77,27 @@ def test_auroc_with_ties_and_missing_class():
     assert auroc([0.1, 0.2], [True, True]) is None
 
 
+def pairwise_auroc(scores, labels):
+    """The definition, O(n^2): over every (correct, wrong) pair, 1 if the correct one scores
+    higher, 1/2 on a tie."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    return sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_auroc_equals_the_pairwise_definition_with_ties(seed):
+    import random
+
+    rng = random.Random(seed)
+    n = rng.randint(2, 300)
+    # few distinct scores, so most samples tie with others (as self-certainty rounded or a 0/1 reward)
+    scores = [rng.choice([0.1, 0.25, 0.5, 0.9, rng.random()]) for _ in range(n)]
+    labels = [rng.random() < 0.4 for _ in range(n)]
+    labels[0], labels[1] = True, False  # both classes present
+    assert auroc(scores, labels) == pytest.approx(pairwise_auroc(scores, labels), abs=1e-12)
+
+
 def test_exploration_and_exploitation_by_hand():
     def rec(pid, completion, reward, certainty):
         return {"id": pid, "completion": completion, "reward": reward, "certainty": certainty}

@@ -1,5 +1,7 @@
-"""`selfimprove report` on run directories written here as files: rows per setting, mean ± std over
-seeds, the column layout read from the runs' config (report: node), the CLI overriding it."""
+"""`selfimprove report` on run directories written here as files: rows per setting, mean ± std (or
+s.e.) over seeds, the best of each column in bold, rows per seed on request, the column layout read
+from the runs' config (report: node), the CLI overriding it; LaTeX that compiles (pdflatex, when
+installed) and parses (pylatexenc), whatever characters the settings hold."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from selfimprove.pipeline import write_jsonl
 from selfimprove.registry import ConfigError
 from selfimprove.report import report
 from tests.conftest import compose_cfg
+from tests.latex_check import compile_problems, parse_problems
 
 LAYOUT = {
     "title": "STaR table",
@@ -56,39 +59,106 @@ def sweep(tmp_path) -> Path:
 
 
 def test_table_from_the_config_layout(sweep, tmp_path):
-    text, plots = report(sweep, "md", tmp_path / "out")
+    text, table_file, plots = report(sweep, "md", tmp_path / "out")
     lines = text.splitlines()
     assert lines[0] == "**STaR table**"
     assert lines[2] == "| setting | seeds | start | end | gain | half |"
-    assert (
-        lines[4] == "| method.rationalize=false | 2 | 50.0 ± 0.0 | 80.0 ± 14.1 | 30.0 ± 14.1 | 0.40 ± 0.07 |"
+    # the best of each column (all higher-is-better) in bold
+    assert lines[4] == (
+        "| method.rationalize=false | 2 | **50.0** ± 0.0 | 80.0 ± 14.1 | 30.0 ± 14.1 | 0.40 ± 0.07 |"
     )
-    assert lines[5] == "| method.rationalize=true | 1 | 40.0 | 90.0 | 50.0 | 0.45 |"
+    assert lines[5] == "| method.rationalize=true | 1 | 40.0 | **90.0** | **50.0** | **0.45** |"
     assert [p.name for p in plots] == ["acc_3.png"] and plots[0].read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "out" / "table.md").read_text() == text
+    assert table_file == tmp_path / "out" / "table.md" and table_file.read_text() == text
 
 
 def test_cli_grid_overrides_the_layout(sweep, tmp_path):
-    text, plots = report(sweep, "csv", tmp_path, metrics=["acc/4"], iterations=["1"])
+    text, _, plots = report(sweep, "csv", tmp_path, metrics=["acc/4"], iterations=["1"])
     assert text.splitlines() == [
         "setting,n,acc/4 @1 mean,acc/4 @1 std",
         "method.rationalize=false,2,32.5,3.53553",
-        "method.rationalize=true,1,40,0",
+        "method.rationalize=true,1,40,",  # no spread from one seed
     ]
     assert [p.name for p in plots] == ["acc_4.png"]
 
 
 def test_latex(sweep, tmp_path):
-    text, _ = report(sweep, "latex", tmp_path)
+    text, _, _ = report(sweep, "latex", tmp_path)
     assert (
-        r"method.rationalize=false & 2 & $50.0 \pm 0.0$ & $80.0 \pm 14.1$ & $30.0 \pm 14.1$ & $0.40 \pm 0.07$ \\"
+        r"method.rationalize=false & 2 & $\mathbf{50.0} \pm 0.0$ & $80.0 \pm 14.1$ & $30.0 \pm 14.1$ & $0.40 \pm 0.07$ \\"
         in text
     )
+    assert (
+        r"method.rationalize=true & 1 & $40.0$ & $\mathbf{90.0}$ & $\mathbf{50.0}$ & $\mathbf{0.45}$ \\"
+        in text
+    )
+
+
+def test_standard_error_per_seed_rows_and_lower_is_better(sweep, tmp_path):
+    """--spread se divides the std by sqrt(seeds); --per-seed adds each run's own values under its
+    setting; a column declared ``better: lower`` bolds its smallest mean."""
+    for run in ("a", "b", "c"):
+        cfg = yaml.safe_load((sweep / run / "config.yaml").read_text())
+        cfg["report"]["columns"][2]["better"] = "lower"  # "gain" as if it were an error rate
+        cfg["report"]["columns"][3]["better"] = "none"
+        (sweep / run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    text, _, _ = report(sweep, "md", tmp_path, spread="se", per_seed=True)
+    assert text.splitlines()[4:] == [
+        "| method.rationalize=false | 2 | **50.0** ± 0.0 | 80.0 ± 10.0 | **30.0** ± 10.0 | 0.40 ± 0.05 |",
+        "| ↳ seed=0 |  | 50.0 | 70.0 | 20.0 | 0.35 |",
+        "| ↳ seed=1 |  | 50.0 | 90.0 | 40.0 | 0.45 |",
+        "| method.rationalize=true | 1 | 40.0 | **90.0** | 50.0 | 0.45 |",
+        "| ↳ seed=0 |  | 40.0 | 90.0 | 50.0 | 0.45 |",
+    ]
+    text, _, _ = report(sweep, "csv", tmp_path, spread="none", per_seed=True)
+    assert text.splitlines()[:3] == [
+        "setting,seed,n,start mean,end mean,gain mean,half mean",
+        "method.rationalize=false,,2,50,80,30,0.4",
+        "method.rationalize=false,0,,50,70,20,0.35",
+    ]
+
+
+#: every character LaTeX treats specially, and the non-ASCII ones our titles use
+NASTY = r"{r: 8, alpha: 16} & 50% $5 #1 a_b ~c ^d \e <f> |g"
+
+
+def test_latex_compiles_and_parses_whatever_the_labels_hold(tmp_path):
+    """A setting holding a LoRA dict and every LaTeX special character, a caption and a title with
+    them too: the table compiles with pdflatex (when installed) and passes the parser check."""
+    layout = {**LAYOUT, "title": "Δ acc → 100% & more_{x}"}
+    layout["columns"] = [
+        *LAYOUT["columns"][:3],
+        {"metric": "acc/4", "iteration": "last", "title": "Δ^{c→i} #4"},
+    ]
+    for i, value in enumerate(["plain", NASTY]):
+        root = tmp_path / "runs" / str(i)
+        root.mkdir(parents=True)
+        (root / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "report": layout}))
+        (root / "overrides.yaml").write_text(yaml.safe_dump([f"method.train.lora={value}"]))
+        write_jsonl(
+            root / "metrics.jsonl", [{"iteration": j, "acc/3": 0.5 + i / 10, "acc/4": 0.1} for j in range(2)]
+        )
+    text, _, _ = report(tmp_path / "runs", "latex", tmp_path / "out", per_seed=True)
+    assert r"\{r: 8, alpha: 16\} \& 50\% \$5 \#1 a\_b \textasciitilde{}c \textasciicircum{}d" in text
+    assert parse_problems(text) == []
+    assert compile_problems(text, tmp_path / "tex") == []
+
+
+def test_the_latex_checks_catch_unescaped_characters(tmp_path):
+    """The checks above can fail: each broken table is reported, by the parser and by pdflatex."""
+    good = "\\begin{tabular}{lr}\n\\toprule\nsetting & value \\\\\n%s & $1.0$ \\\\\n\\bottomrule\n\\end{tabular}\n"
+    assert parse_problems(good % "a") == [] and compile_problems(good % "a", tmp_path / "ok") == []
+    for label in ["a{b", "a}b", "a_b", "a#b", "a^b", "a&b", "a%b", "a$b", "a~b"]:
+        assert parse_problems(good % label), label
+    for label in ["a{b", "a_b", "a#b", "a^b", "a&b", "a$b"]:
+        assert compile_problems(good % label, tmp_path / label.replace("/", "")), label
 
 
 def test_bad_names_list_what_is_allowed(sweep, tmp_path):
     with pytest.raises(ConfigError, match="unknown report format 'docx'; available: csv, latex, md"):
         report(sweep, "docx", tmp_path)
+    with pytest.raises(ConfigError, match="unknown report spread 'var'; available: none, se, std"):
+        report(sweep, "md", tmp_path, spread="var")
     with pytest.raises(ConfigError, match="unknown report metric 'acc/5'.*available: acc/3, acc/4"):
         report(sweep, "md", tmp_path, metrics=["acc/5"])
     with pytest.raises(ConfigError, match="holds no run directory"):
@@ -101,3 +171,20 @@ def test_every_experiment_layout_composes():
         # accuracies, and the filter counts length_gen records per round (tests/test_length_gen.py)
         named = [c.metric for c in layout.columns if not c.metric.startswith("acc/")]
         assert layout.columns and set(named) <= {"kept", "label_accuracy"}
+
+
+def test_cli_prints_the_table_and_where_it_is_written(sweep, tmp_path):
+    from tests.conftest import selfimprove
+
+    proc = selfimprove("report", str(sweep), "--format", "latex", "--spread", "se", cwd=tmp_path)
+    lines = proc.stdout.splitlines()
+    assert lines[-2:] == [
+        f"table: {sweep / 'report' / 'table.tex'}",
+        f"plot: {sweep / 'report' / 'acc_3.png'}",
+    ]
+    assert "\n".join(lines[:-2]) + "\n" == (sweep / "report" / "table.tex").read_text()
+    assert r"$80.0 \pm 10.0$" in proc.stdout  # s.e. = 14.1 / sqrt(2)
+    bad = selfimprove("report", str(sweep), "--spread", "var", cwd=tmp_path, check=False)
+    assert (
+        bad.returncode == 2 and bad.stderr == "error: unknown report spread 'var'; available: none, se, std\n"
+    )
