@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from selfimprove import preflight
+from selfimprove import optuna_sweep, preflight
 from selfimprove.config import PLANNING_FOR_GPUS, register_configs
 from selfimprove.errors import StageFailed, explain
 from selfimprove.generation import resolve_backend
@@ -220,8 +220,10 @@ def hydra_main() -> None:
     register_configs()
 
     @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
-    def _main(cfg: DictConfig) -> None:
+    def _main(cfg: DictConfig) -> float | None:
         code = run_reporting_errors(cfg)
+        if optuna_sweep.is_trial():  # the study reads the trial's objective from what the job returns
+            return optuna_sweep.trial_value(cfg, code)
         if code:  # success returns, so that a -m sweep goes on to its next job
             sys.exit(code)
 
