@@ -146,7 +146,10 @@ def resumed(optuna_sweeper, config: DictConfig) -> Iterator[None]:
         except ValueError as err:  # the plugin's summary of a study whose every trial failed
             if "No trials are completed yet" not in str(err):
                 raise
-            print(f"error: no trial of the study completed; selfimprove status {sweep} shows why", file=sys.stderr)
+            print(
+                f"error: no trial of the study completed; selfimprove status {sweep} shows why",
+                file=sys.stderr,
+            )
             sys.exit(1)
 
 
@@ -171,10 +174,16 @@ def trials_done(storage: str, study_name: str) -> int:
         return 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         retry(study, trial)  # we hold the study's lock: a running trial is one a killed sweep left
-    trials = study.get_trials(deepcopy=False)
+    return counted(study.get_trials(deepcopy=False))
+
+
+def counted(trials: list) -> int:
+    """Trials that count toward ``n_trials``: those asked (running or finished), an interrupted
+    trial and its retries (``failed_trial``) counted once."""
+    from optuna.trial import TrialState
+
     asked = sum(t.state != TrialState.WAITING for t in trials)
-    retries = sum("failed_trial" in t.system_attrs for t in trials)
-    return asked - retries
+    return asked - sum("failed_trial" in t.system_attrs for t in trials)
 
 
 def retry(study, trial) -> None:

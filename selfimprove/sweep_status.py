@@ -73,7 +73,7 @@ def grid_jobs(sweep: Path, cfg: DictConfig) -> list[Job]:
 
 def trial_jobs(sweep: Path, cfg: DictConfig) -> list[Job]:
     """One job per run directory of the study's trials (an interrupted trial and its retry share
-    theirs), then one per trial the study has yet to ask."""
+    theirs), then one per trial the study has yet to ask (a queued retry has its trial's row)."""
     from optuna.trial import TrialState
 
     from selfimprove.cli import config_context, job_config, plain_overrides
@@ -84,18 +84,17 @@ def trial_jobs(sweep: Path, cfg: DictConfig) -> list[Job]:
     jobs: dict[Path, Job] = {}
     with config_context():
         for t in trials:
-            params = t.params or t.system_attrs.get("fixed_params", {})
-            overrides = [f"{k}={v}" for k, v in {**params, **t.user_attrs}.items()]
+            if t.state == TrialState.WAITING:  # an interrupted trial queued again: its row is the trial's
+                continue
+            overrides = [f"{k}={v}" for k, v in {**t.params, **t.user_attrs}.items()]
             root = job_config(plain_overrides(overrides), str(sweep))[1]
             job = jobs.setdefault(root, Job(overrides, root, f"trial {t.number}"))
             if job.name != f"trial {t.number}":
                 job.name += f"→{t.number}"
             if t.state == TrialState.COMPLETE:
                 job.result = f"{cfg.hydra.sweeper.objective}={t.value:g}"
-    asked = sum(t.state != TrialState.WAITING for t in trials)
-    retries = sum("failed_trial" in t.system_attrs for t in trials)
     waiting = sum(t.state == TrialState.WAITING for t in trials)
-    left = int(cfg.hydra.sweeper.n_trials) - (asked - retries) - waiting
+    left = int(cfg.hydra.sweeper.n_trials) - optuna_sweep.counted(trials) - waiting
     return list(jobs.values()) + [Job([], None, "next trial") for _ in range(left)]
 
 
