@@ -146,11 +146,22 @@ def resumed(optuna_sweeper, config: DictConfig) -> Iterator[None]:
         except ValueError as err:  # the plugin's summary of a study whose every trial failed
             if "No trials are completed yet" not in str(err):
                 raise
-            print(
-                f"error: no trial of the study completed; selfimprove status {sweep} shows why",
-                file=sys.stderr,
-            )
-            sys.exit(1)
+            none_completed(sweep)
+        except RuntimeError as err:
+            # the grid sampler stops the study once its grid is done, which the plugin does not
+            # expect after a failed trial: the study is over all the same
+            if "Study.stop" not in str(err):
+                raise
+            if not any(
+                t.value is not None
+                for t in load_study(optuna_sweeper.storage, optuna_sweeper.study_name).trials
+            ):
+                none_completed(sweep)
+
+
+def none_completed(sweep: Path) -> None:
+    print(f"error: no trial of the study completed; selfimprove status {sweep} shows why", file=sys.stderr)
+    sys.exit(1)
 
 
 def load_study(storage: str, study_name: str):

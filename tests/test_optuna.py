@@ -119,3 +119,21 @@ def test_status_of_the_study_before_and_after_the_rerun(study):
     assert "3 jobs: 2 done, 1 partial;" in killed and "partial at iter_01/train" in killed
     assert "3 jobs: 3 done;" in after and "trial 2→3" in after
     assert after.count("done, acc/3=") == 3
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path):
+    """Every trial's run fails (no example fits max_length): each is a failed trial with its one-line
+    error in `status`, the study runs them all, and then says in one line that none completed."""
+    from optuna.trial import TrialState
+
+    sweep = ["run", "-m", *STUDY[:3], *SMALL, "method.warmstart.max_length=choice(6,7)"]
+    proc = selfimprove(*sweep, cwd=tmp_path, check=False)
+    (root,) = (tmp_path / "multirun").iterdir()
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: no trial of the study completed; selfimprove status {root.relative_to(tmp_path)} shows why"
+    )
+    assert [t.state for t in trials(root)] == [TrialState.FAIL, TrialState.FAIL]
+    out = selfimprove("status", str(root), cwd=tmp_path, env={**os.environ, "COLUMNS": "250"}).stdout
+    print(f"\n--- selfimprove status, a study whose trials fail:\n{out}")
+    assert out.count("failed: warmstart/train: 0 of ") == 2 and "2 jobs: 2 failed;" in out
