@@ -126,7 +126,14 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path):
     error in `status`, the study runs them all, and then says in one line that none completed."""
     from optuna.trial import TrialState
 
-    sweep = ["run", "-m", *STUDY[:3], *SMALL, "method.warmstart.max_length=choice(6,7)"]
+    sweep = [
+        "run",
+        "-m",
+        *STUDY[:2],
+        "hydra.sweeper.n_trials=2",
+        *SMALL,
+        "method.warmstart.max_length=choice(6,7)",
+    ]
     proc = selfimprove(*sweep, cwd=tmp_path, check=False)
     (root,) = (tmp_path / "multirun").iterdir()
     assert proc.returncode == 1
