@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from selfimprove import preflight, validation
+from selfimprove import optuna_sweep, preflight, validation
 from selfimprove.config import PLANNING_FOR_GPUS, register_configs
 from selfimprove.errors import INTERRUPTED, StageFailed, explain
 from selfimprove.generation import resolve_backend
@@ -254,8 +254,10 @@ def hydra_main() -> None:
     register_configs()
 
     @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
-    def _main(cfg: DictConfig) -> None:
+    def _main(cfg: DictConfig) -> float | None:
         code = run_reporting_errors(cfg)
+        if optuna_sweep.is_trial():  # the study reads the trial's objective from what the job returns
+            return optuna_sweep.trial_value(cfg, code)
         if code:  # success returns, so that a -m sweep goes on to its next job
             sys.exit(code)
 

@@ -13,13 +13,14 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from selfimprove import optuna_sweep
 from selfimprove.registry import ConfigError, unknown_choice
 
 COMMANDS = {
     "run": "run (or resume) an experiment: selfimprove run [-m] [group=option ...] [key=value ...]",
     "plan": "what a run would do, without running it: stages, settings, parameters, memory per stage: selfimprove plan [-m] [overrides]",
     "report": "tables (md, latex, csv) and plots of a run or sweep directory: selfimprove report PATH [--format md|latex|csv] [--spread std|se|none] [--per-seed] [--check]",
-    "status": "show which stages of a run directory are done, pending, partial, changed or damaged: selfimprove status RUN_DIR",
+    "status": "which stages of a run are done, pending, partial, changed or damaged; of a sweep, each job's state: selfimprove status RUN_DIR|SWEEP_DIR",
 }
 GROUP_OVERRIDE = re.compile(r"^[+~]?(?P<group>[\w./-]+?)(@[\w.]+)?=(?P<value>.*)$")
 
@@ -118,20 +119,30 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
         return [list(overrides)]
     parser = OverridesParser.create()  # (called inside config_context, which compose needs)
     hydra_cfg = compose(config_name="config", overrides=plain_overrides(overrides), return_hydra_config=True)
+    if optuna_sweep.is_optuna(hydra_cfg.hydra.sweeper):
+        optuna_sweep.check_installed()
     declared = dict(hydra_cfg.hydra.sweeper.params or {})
     swept: dict[str, list[str]] = {}
     for o in parser.parse_overrides([f"{k}={v}" for k, v in declared.items()]):
-        values = o.sweep_string_iterator() if o.is_sweep_override() else [o.value()]
+        values = sweep_values(o) if o.is_sweep_override() else [o.value()]
         swept[o.get_key_element()] = [f"{o.get_key_element()}={v}" for v in values]
     fixed = []
     for o in parser.parse_overrides(overrides):
         key = o.get_key_element()
         if o.is_sweep_override() and not o.key_or_group.startswith("hydra"):
-            swept[key] = [f"{key}={v}" for v in o.sweep_string_iterator()]
+            swept[key] = [f"{key}={v}" for v in sweep_values(o)]
         else:
             swept.pop(key, None)
             fixed.append(o.input_line)
     return [fixed + list(combo) for combo in itertools.product(*swept.values())]
+
+
+def sweep_values(override) -> list[str]:
+    """The values of a sweep override that the checks before a run try: each of a choice or range;
+    the two ends of an interval (an Optuna sweep samples between them)."""
+    if override.is_interval_sweep():
+        return [str(override.value().start), str(override.value().end)]
+    return list(override.sweep_string_iterator())
 
 
 def plain_overrides(overrides: list[str]) -> list[str]:
@@ -143,7 +154,7 @@ def plain_overrides(overrides: list[str]) -> list[str]:
         if o.key_or_group.startswith("hydra") and not o.key_or_group.startswith("hydra/"):
             continue
         if o.is_sweep_override():
-            out.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
+            out.append(f"{o.get_key_element()}={sweep_values(o)[0]}")
         else:
             out.append(o.input_line)
     return out
@@ -180,10 +191,13 @@ def job_config(overrides: list[str], sweep: str | None):
     return cfg, root
 
 
-def composed_jobs(overrides: list[str], multirun: bool) -> Iterator[tuple[list[str], object, Path]]:
+def composed_jobs(
+    overrides: list[str], multirun: bool, sweep: str | None = None
+) -> Iterator[tuple[list[str], object, Path]]:
     """(overrides, config, run directory) of every job the command starts, composed as Hydra will
-    compose them: what `run` checks before Hydra writes anything, and what `plan` shows."""
-    sweep = sweep_dir(overrides) if multirun else None
+    compose them: what `run` checks before Hydra writes anything, what `plan` shows, and the jobs
+    `status` expects in a sweep directory (``sweep``: where it is, when not derived from the command)."""
+    sweep = sweep or (sweep_dir(overrides) if multirun else None)
     with config_context():
         for job in job_overrides(overrides, multirun):
             yield (job, *job_config(plain_overrides(job), sweep))
@@ -194,10 +208,17 @@ def sweep_dir(overrides: list[str]) -> str:
     from selfimprove.app import keys_outside_run_identity, run_name
 
     excluded = keys_outside_run_identity()
-    kept = sorted(
-        o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in excluded and not o.startswith("hydra")
-    )
+    kept = sorted(o for o in overrides if names_the_sweep(o.split("=", 1)[0].lstrip("+~"), excluded))
     return f"multirun/{run_name(','.join(kept) if kept else '')}".replace("'", "")
+
+
+def names_the_sweep(key: str, excluded: set[str]) -> bool:
+    """Whether an override's key is part of the sweep directory's name: settings that change results,
+    and what defines an Optuna study (hydra/sweeper, its objective, sampler, ...) except its trial
+    budget, so that a larger hydra.sweeper.n_trials extends the same study. Not Hydra's other keys."""
+    if key.startswith(("hydra/sweeper", "hydra.sweeper.")):
+        return key != "hydra.sweeper.n_trials"
+    return key not in excluded and not key.startswith("hydra")
 
 
 def run_command(args: list[str]) -> int:
@@ -296,15 +317,19 @@ def status_command(args: list[str]) -> int:
     from rich.markup import escape
     from rich.table import Table
 
+    from selfimprove import sweep_status
     from selfimprove.app import plan
     from selfimprove.config import register_configs
     from selfimprove.pipeline import METRICS, read_metrics
     from selfimprove.plan_view import STATE_COLOURS as colours
 
     if len(args) != 1:
-        print("error: usage: selfimprove status RUN_DIR", file=sys.stderr)
+        print("error: usage: selfimprove status RUN_DIR|SWEEP_DIR", file=sys.stderr)
         return 2
     root = Path(args[0])
+    if sweep_status.is_sweep(root):  # a -m sweep: one row per job
+        register_configs()
+        return sweep_status.show(root)
     if not (root / "config.yaml").exists():
         print(f"error: {root} is not a run directory (no config.yaml)", file=sys.stderr)
         return 2

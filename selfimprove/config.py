@@ -716,7 +716,10 @@ def shards_weights(accelerate: str | None) -> bool:
 def register_configs() -> None:
     """Put the schemas into Hydra's ConfigStore (as ``<group>/schema_<name>``) and register the
     resolvers they use."""
+    from selfimprove import optuna_sweep
+
     register_resolvers()
+    optuna_sweep.register()  # hydra/sweeper=optuna: the resumable study
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for group, schemas in GROUP_SCHEMAS.items():
