@@ -277,11 +277,11 @@ def world_writable(path: Path) -> Path:
     """A folder the unprivileged user can write, and reach (pytest's temporary folders are 0700)."""
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o777)
-    for parent in path.parents:
+    for parent in path.parents:  # up to the temporary root: pytest-of-<user> is 0700 too
+        if parent == Path(tempfile.gettempdir()) or parent == Path("/"):
+            break
         if parent.stat().st_mode & 0o011 != 0o011:
             parent.chmod(parent.stat().st_mode | 0o011)
-        if parent.name.startswith("pytest-") or parent == Path(tempfile.gettempdir()):
-            break
     return path
 
 

@@ -25,7 +25,8 @@ def readme_commands() -> list[str]:
     """`selfimprove run ...` lines of the README's Usage and GPU sections, comments dropped."""
     text = README.read_text()
     sections = re.findall(r"^## (?:Usage|GPUs, many GPUs, clusters)\n(.*?)(?=^## )", text, re.M | re.S)
-    lines = [line.strip() for section in sections for line in section.splitlines()]
+    joined = [section.replace("\\\n", " ") for section in sections]  # a command continued with \
+    lines = [line.strip() for section in joined for line in section.splitlines()]
     return [line.split("  #")[0].strip() for line in lines if line.startswith("selfimprove run ")]
 
 

@@ -90,9 +90,10 @@ def test_training_prints_its_steps_every_tenth_without_a_terminal(resumed_run):
     trained = {b.split()[0]: said(b, "train") for b in blocks if b.split()[0] in TRAIN_STAGES}
     assert set(trained) == set(TRAIN_STAGES)
     for name, lines in trained.items():
-        percents = [p for _, _, p in lines]
-        assert all(p % 10 == 0 for p in percents) and percents == sorted(set(percents)), name
-        assert percents[-1] == 100 and 3 <= len(lines) <= 10, name
+        percents = [p for _, _, p in lines]  # the first after PLAIN_AFTER_S, then one per tenth crossed
+        tenths = [p // 10 for p in percents]
+        assert tenths == sorted(set(tenths)), name
+        assert percents[-1] == 100 and 1 <= len(lines) <= 10, name
     assert re.search(r"^  train \d+/\d+ steps \(\d+%\)  loss \d+\.\d{4}  elapsed", resumed_run["out"], re.M)
 
 

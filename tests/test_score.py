@@ -74,7 +74,7 @@ def test_every_variant_end_to_end_and_the_table(tmp_path):
 
     for variant in rows:  # as the sweep would have written them
         (tmp_path / variant / "overrides.yaml").write_text(f"- method.variant={variant}\n")
-    text, _ = report(tmp_path)
+    text, _, _ = report(tmp_path)
     lines = {line.split("|")[1].strip(): line for line in text.splitlines() if "method.variant=" in line}
     assert set(lines) == {f"method.variant={v}" for v in rows}
     assert "–" not in lines["method.variant=base"], "the base row shows its only (warm start) evaluation"
