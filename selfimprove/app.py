@@ -238,6 +238,8 @@ def run(cfg: DictConfig) -> list[dict]:
             console.print(f"[yellow]stopped after {r.stopped_after}[/]; rerun without stop_after to continue")
         rows = r.metrics()
         counts = r.counts
+        if not r.stopped_after and rows:
+            tracker.log_report(root)
     tracker.close()
     print_table(console, rows)
     console.print(

@@ -396,6 +396,23 @@ def plot(table: list[dict], metrics: list[str], out: Path) -> list[Path]:
     return written
 
 
+def table_data(path: Path) -> tuple[list[str], list[list]]:
+    """``report``'s table of ``path`` (its layout, means in the table's scale) as a header and rows of
+    values: what a wandb Table holds."""
+    runs = find_runs(path)
+    cols = columns_of(runs[0].layout, runs, None, None)
+    rows = shown_rows(cols, build_table(runs, cols), "none", False)
+    header = ["setting", "seeds", *(c.title for c in cols)]
+    return header, [
+        [
+            row["setting"],
+            row["n"],
+            *(None if x.mean is None else x.mean * c.scale for c, x in zip(cols, row["cells"])),
+        ]
+        for row in rows
+    ]
+
+
 def report(
     path: Path,
     fmt_name: str = "md",

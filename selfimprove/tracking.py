@@ -1,6 +1,7 @@
 """Experiment tracking: metrics.jsonl always; wandb when ``logger=wandb`` (offline works without network).
 
-Into the run's wandb run go each iteration's metrics line (x-axis ``iteration``) and, for every train
+Into the run's wandb run go each iteration's metrics line (x-axis ``iteration``), ``report``'s table
+of the finished run as a wandb Table (``report``) and, for every train
 stage, its per-step curves from the stage's ``log_history.json`` under the stage's name as prefix
 (``warmstart/train/loss``, ``iter_01/train/grad_norm``, ``iter_02/train/reward``...), each stage on
 its own x-axis ``<stage>/step``, so that curves of different stages never collide.
@@ -105,6 +106,20 @@ class Tracker:
             elif "step" in entry:
                 self.emit(values)
         self.state["stages"].append(artifact.name)
+        write_json_atomic(self.state_file, self.state)
+
+    def log_report(self, root: Path) -> None:
+        """``selfimprove report``'s table of this run as a wandb Table (key ``report``), once per set of
+        finished iterations (a rerun that computed nothing logs nothing)."""
+        if self.run is None or self.state.get("report") == self.state["iterations"]:
+            return
+        import wandb
+
+        from selfimprove.report import table_data
+
+        header, data = table_data(root)
+        self.emit({"report": wandb.Table(columns=header, data=data)})
+        self.state["report"] = list(self.state["iterations"])
         write_json_atomic(self.state_file, self.state)
 
     def emit(self, values: dict) -> None:

@@ -15,6 +15,7 @@ from selfimprove import progress
 from selfimprove.generation import sample
 from selfimprove.models import build_tiny
 from selfimprove.pipeline import read_jsonl
+from selfimprove.report import table_data
 from selfimprove.tracking import offline_history, offline_records
 from tests.conftest import TINY_RUN, compose_cfg, selfimprove
 
@@ -122,3 +123,15 @@ def test_a_resumed_run_continues_its_wandb_run_without_duplicated_steps(resumed_
     assert max(per_stage.values()) == 1, "no train step logged twice"
     events = read_jsonl(root / "events.jsonl")
     assert [e["action"] for e in events if e["stage"] == "iter_01/train"] == ["computed", "reused"]
+
+
+def test_the_finished_run_logs_reports_table_once(resumed_run):
+    """The attempt stopped after iter_01/train logs no table; the one that finishes logs report's."""
+    root = resumed_run["root"]
+    logged = [r for r in offline_history(root) if "report/_type" in r]  # wandb flattens the table's ref
+    assert len(logged) == 1 and logged[0]["report/_type"] == "table-file", logged
+    (saved,) = root.glob(f"wandb/offline-run-*/files/{logged[0]['report/path']}")
+    header, data = table_data(root)
+    table = json.loads(saved.read_text())
+    assert header[:2] == ["setting", "seeds"] and len(header) > 2 and data
+    assert table["columns"] == header and table["data"] == data
