@@ -270,7 +270,8 @@ def test_report_rebuilds_a_damaged_metrics_file_from_the_stages(case, damage, sa
     )
     (note,) = proc.stderr.strip().splitlines()
     assert said in note and "rebuilt from its stages' outputs" in note, note
-    assert proc.stdout.split("table:")[0] == ref_report.stdout.split("table:")[0]  # the table, before its path
+    table_text = proc.stdout.split("table:")[0]  # the table, before its file's path
+    assert table_text == ref_report.stdout.split("table:")[0]
     assert (tmp_path / "b" / "table.csv").read_text() == (tmp_path / "a" / "table.csv").read_text()
     assert snapshot(run_dir(cwd)) == before, "report does not write into the run it reads"
     RESULTS.append((case, proc.returncode, f"{note}; table identical to the undamaged run's"))
