@@ -423,7 +423,7 @@ class BalanceSearch:
     queries: int = MISSING
     temperatures: list[float] = MISSING
     n: list[int] = MISSING
-    threshold_quantiles: list[float] = MISSING
+    thresholds: list[float] = MISSING
     n_star: int = MISSING
 
 
@@ -433,6 +433,7 @@ class Bstar:
     iterations: int = MISSING
     sampling: Sampling = MISSING
     search: BalanceSearch = MISSING
+    monitor_s: list[int] = MISSING
     max_per_prompt: int = MISSING
     replay_seed_data: bool = MISSING
     warmstart: Train = MISSING

@@ -6,6 +6,7 @@
 - ``balance_score``: B-STaR's exploration x exploitation score (Zeng et al. 2024).
 - ``auroc``: how well a scalar score separates correct from wrong samples.
 - ``exploration`` / ``exploitation``: what B-STaR monitors per iteration, from scored records.
+- ``pass_at_k_s`` / ``reward_at_k_s``: B-STaR's Pass@K-S and Reward@K-S (Zeng et al. 2024, §2.2).
 - ``self_correction``: SCoRe's two-turn metrics (Kumar et al. 2024): Acc@t1, Acc@t2, Δ(t1,t2),
   Δ^{i→c}, Δ^{c→i}.
 """
@@ -146,6 +147,22 @@ def exploitation(records: list[dict], kept_rewards: list[float] | None = None) -
         best = [max(g, key=lambda r: r["certainty"]) for g in by_prompt(scored).values()]
         out["exploit/bon_certainty"] = fraction([r["reward"] >= 1.0 for r in best])
     return out
+
+
+def pass_at_k_s(records: list[dict], s: int, clean) -> float | None:
+    """B-STaR's Pass@K-S (§2.2): the fraction of prompts with at least ``s`` unique correct
+    responses (unique once ``clean``ed) among their K samples; Pass@K-1 is Pass@K."""
+    groups = by_prompt(records).values()
+    return fraction([len({clean(r["completion"]) for r in g if r["reward"] == 1.0}) >= s for g in groups])
+
+
+def reward_at_k_s(records: list[dict], s: int, key: str) -> float | None:
+    """B-STaR's Reward@K-S (§2.2): the fraction of prompts whose top ``s`` samples ranked by the
+    reward ``key`` are all correct; Reward@K-1 is best-of-K accuracy. Ties keep sample order."""
+    groups = by_prompt(records).values()
+    return fraction(
+        [all(r["reward"] == 1.0 for r in sorted(g, key=lambda r: -r[key])[:s]) for g in groups if len(g) >= s]
+    )
 
 
 def self_correction(first: Sequence[bool], second: Sequence[bool]) -> dict[str, float]:

@@ -87,7 +87,7 @@ METHOD_RUNS = {
         "method.search.queries=4",
         "method.search.temperatures=[1.0]",
         "method.search.n=[2]",
-        "method.search.threshold_quantiles=[0.0,0.5]",
+        "method.search.thresholds=[-1.0,0.5]",
     ],
     "tt_si": [
         "method.warmstart.steps=4",

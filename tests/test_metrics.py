@@ -7,7 +7,15 @@ import math
 
 import pytest
 
-from selfimprove.balance import balance_of
+from selfimprove.balance import (
+    balance_of,
+    balance_terms,
+    exploit_factor,
+    normalised,
+    reward_range,
+    selected,
+    with_scores,
+)
 from selfimprove.metrics import (
     auroc,
     balance_score,
@@ -16,6 +24,8 @@ from selfimprove.metrics import (
     maj_at_k,
     majority,
     pass_at_k,
+    pass_at_k_s,
+    reward_at_k_s,
     self_certainty,
 )
 from selfimprove.registry import ConfigError
@@ -54,22 +64,70 @@ def test_balance_score_by_hand():
     assert balance_score([(2, 4), (0, 0), (1, 1), (5, 5)], n_star=4) == pytest.approx(0.375)
 
 
-def test_balance_of_counts_unique_correct_selected():
-    def rec(pid, completion, reward, certainty):
-        return {"id": pid, "completion": completion, "reward": reward, "certainty": certainty}
+def rec(pid, completion, reward, certainty):
+    return {"id": pid, "completion": completion, "reward": reward, "certainty": certainty}
 
+
+def clean(completion):  # cut after the answer, as the arithmetic task does
+    return completion[: completion.index("ans") + 5]
+
+
+def test_bstar_selection_lets_a_confident_wrong_answer_pass_a_low_threshold():
     records = [
-        rec("a", "x;ans 3", 1.0, 0.9),
-        rec("a", "x;ans 3junk", 1.0, 0.5),  # the same rationale once cleaned: not unique
-        rec("a", "y;ans 3", 1.0, 0.2),
-        rec("a", "z;ans 4", 0.0, 0.99),  # wrong: never selected
-        rec("b", "w;ans 5", 0.0, 0.7),
+        rec("a", "x;ans 3", 1.0, 1.0),  # score 1 + 1.0 = 2.0
+        rec("a", "y;ans 3", 1.0, 0.5),  # 1 + 0.0 = 1.0
+        rec("a", "z;ans 4", 0.0, 0.9),  # wrong but confident: 0 + 0.8 = 0.8
+        rec("a", "w;ans 5", 0.0, 0.0),  # 0 - 1.0 = -1.0
+        rec("b", "p;ans 7", 1.0, 0.6),  # 1.2
+        rec("b", "q;ans 8", 0.0, 0.2),  # -0.6
     ]
-    clean = lambda c: c[: c.index("ans") + 5]  # noqa: E731
-    # no threshold: a selects 3, 2 unique -> min(2/2,1)*2/3; b selects none -> 0
-    assert balance_of(records, None, 2, clean) == pytest.approx((2 / 3) / 2)
-    # threshold 0.4: a selects 2 (same rationale), 1 unique -> 0.5*0.5
-    assert balance_of(records, 0.4, 2, clean) == pytest.approx(0.25 / 2)
+    span = reward_range(records)
+    assert span == (0.0, 1.0)
+    scored = with_scores(records, span)
+    assert [r["score"] for r in scored] == pytest.approx([2.0, 1.0, 0.8, -1.0, 1.2, -0.6])
+    # tau = 0.5: the confident wrong answer z passes (the old rule, correct AND reward >= tau, never let it)
+    assert {r["completion"] for r in selected(scored, 0.5)} == {"x;ans 3", "y;ans 3", "z;ans 4", "p;ans 7"}
+    assert exploit_factor(balance_terms(scored, 0.5, clean)) == pytest.approx((2 / 3 + 1) / 2, abs=1e-4)
+    # balance (n* = 2), per query min(n'/2, 1) * n'/n:
+    by_tau = {tau: balance_of(scored, tau, 2, clean) for tau in (-1.0, 0.5, 0.9, 1.0, 1.5)}
+    assert by_tau[-1.0] == pytest.approx((2 / 3 + 0.25) / 2)  # z and q pass: n'/n = 2/3 and 1/2
+    assert by_tau[0.5] == pytest.approx((2 / 3 + 0.5) / 2)  # z still passes
+    assert by_tau[0.9] == pytest.approx((1.0 + 0.5) / 2)  # z is out, both correct of a kept
+    assert by_tau[1.0] == pytest.approx((0.5 + 0.5) / 2)  # y (score 1.0) is out too: n' falls
+    assert by_tau[1.5] == pytest.approx(0.25)
+    assert max(by_tau, key=by_tau.get) == 0.9, (
+        "the balance score picks neither the lowest nor the highest tau"
+    )
+
+
+def test_bstar_reward_is_normalised_onto_minus_one_one():
+    assert normalised(3.0, (1.0, 5.0)) == pytest.approx(0.0)
+    assert normalised(9.0, (1.0, 5.0)) == 1.0 and normalised(0.0, (1.0, 5.0)) == -1.0  # clipped
+    assert normalised(None, (1.0, 5.0)) == -1.0 and normalised(2.0, (2.0, 2.0)) == 0.0
+
+
+def test_pass_and_reward_at_k_s_by_hand():
+    records = with_scores(
+        [
+            rec("a", "x;ans 3", 1.0, 1.0),
+            rec("a", "x;ans 3 junk", 1.0, 0.7),  # the same rationale once cleaned
+            rec("a", "y;ans 3", 1.0, 0.5),
+            rec("b", "p;ans 7", 1.0, 0.6),
+            rec("b", "q;ans 8", 0.0, 0.2),
+            rec("c", "m;ans 1", 1.0, 0.1),  # scores 0.2, 0.4 for the correct ones,
+            rec("c", "n;ans 1", 1.0, 0.2),
+            rec("c", "o;ans 2", 0.0, 0.95),  # 0.9 for the confident wrong one: ranked first
+        ],
+        (0.0, 1.0),
+    )
+    # unique correct per prompt: a 2, b 1, c 2
+    assert pass_at_k_s(records, 1, clean) == 1.0
+    assert pass_at_k_s(records, 2, clean) == pytest.approx(2 / 3, abs=1e-4)
+    assert pass_at_k_s(records, 3, clean) == 0.0
+    # top by score: a x (correct), b p (correct), c o (wrong); top 2: a x, x-junk; b p, q; c o, n
+    assert reward_at_k_s(records, 1, "score") == pytest.approx(2 / 3, abs=1e-4)
+    assert reward_at_k_s(records, 2, "score") == pytest.approx(1 / 3, abs=1e-4)
+    # c has 2 unique correct samples, but the reward ranks its wrong one first: Reward@K-S < Pass@K-S
 
 
 def test_auroc_with_ties_and_missing_class():

@@ -145,7 +145,7 @@ def test_bstar_samples_with_the_searched_settings(tmp_path):
         "method.search.queries=4",
         "method.search.temperatures=[0.5,1.0]",
         "method.search.n=[1,2]",
-        "method.search.threshold_quantiles=[0.0,0.5]",
+        "method.search.thresholds=[-1.0,0.5]",
     ]
     rows = run(compose_cfg([*TINY_RUN, "method=bstar", *search, f"run_dir={root}"]))
     for it in (1, 2):
@@ -156,5 +156,7 @@ def test_bstar_samples_with_the_searched_settings(tmp_path):
         assert len(samples) == 16 * chosen["n"], "the generate stage reads the chosen sample count"
         assert rows[it]["search/temperature"] == chosen["temperature"] and "search/balance" in rows[it]
         selected = read_jsonl(root / f"iter_0{it}/select/scored.jsonl")
-        assert all(r["certainty"] >= chosen["threshold"] for r in selected) if chosen["threshold"] else True
+        assert all(r["score"] > chosen["threshold"] for r in selected), "B-STaR keeps score > tau"
+        assert rows[it]["selected"] == len(selected) and 0 <= rows[it]["explore/pass@K-1"] <= 1
+        assert "exploit/reward@K-1" in rows[it] and "select/exploit_factor" in rows[it]
     assert done(root, "iter_02/train")["inputs"]["model"] == "iter_01/train", "B-STaR continues training"

@@ -5,7 +5,7 @@ M0 <- warm start: SFT on the seed rationales
 for t = 1..T:
     (temperature, n, tau) <- argmax balance score on a small query subset, sampled from M_{t-1}
     samples <- n responses per prompt from M_{t-1} at the chosen temperature
-    D_t     <- responses with a correct answer and reward (self-certainty) >= tau
+    D_t     <- responses with 1(correct) + reward (self-certainty in [-1, 1]) > tau
     M_t     <- SFT(M_{t-1}, D_t [+ seed replay])
     evaluate M_t; log the chosen settings, balance score, exploration and exploitation
 """
@@ -64,7 +64,9 @@ def bstar(cfg: DictConfig, run: Run) -> None:
         )
         scored = it.stage("score", score, samples=samples, dataset=dataset)
         certain = it.stage("certainty", certainty, model=model, scored=scored, hardware=hw)
-        chosen = it.stage("select", select, scored=certain, settings=settings)
+        chosen = it.stage(
+            "select", select, scored=certain, settings=settings, dataset=dataset, monitor_s=m.monitor_s
+        )
         data = it.stage(
             "build",
             keep_correct,
@@ -73,6 +75,7 @@ def bstar(cfg: DictConfig, run: Run) -> None:
             max_per_prompt=m.max_per_prompt,
             replay=seeds if m.replay_seed_data else None,
             seed=seed,
+            min_reward=0.0,  # select applied B-STaR's rule: wrong answers that passed it are trained on
         )
         model = it.stage("train", sft, model=model, data=data, train=m.train, hardware=hw, seed=seed)
         run.record(
@@ -81,6 +84,7 @@ def bstar(cfg: DictConfig, run: Run) -> None:
             samples,
             scored,
             settings,
+            chosen,
             data,
             it.stage("monitor", monitor, scored=certain, kept=data, dataset=dataset),
         )
