@@ -62,6 +62,13 @@ class Better(str, Enum):
     none = "none"
 
 
+class StepsRule(str, Enum):
+    """How STaR's fine-tuning steps grow per iteration: linear adds, compound multiplies (the paper's)."""
+
+    linear = "linear"
+    compound = "compound"
+
+
 class WandbMode(str, Enum):
     offline = "offline"
     online = "online"
@@ -291,6 +298,8 @@ class Star:
     replay_seed_data: bool = MISSING
     train_on_samples: bool = MISSING
     restart_from_base: bool = MISSING
+    steps_rule: StepsRule = MISSING
+    steps_factor: float = MISSING
     warmstart: Train = MISSING
     train: Train = MISSING
 

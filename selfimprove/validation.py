@@ -70,7 +70,9 @@ AT_LEAST_ZERO = (
     "warmup_ratio weight_decay beta seed_per_level few_shot_per_level train_per_iteration seed_size "
     "train_size replay_min exemplar_examples warmstart.steps"
 ).split()
-POSITIVE = "lr LearningRates.sft LearningRates.rl LearningRates.dpo timeout memory_gb scale".split()
+POSITIVE = (
+    "steps_factor lr LearningRates.sft LearningRates.rl LearningRates.dpo timeout memory_gb scale".split()
+)
 #: fractions: key -> (low, high, low allowed, high allowed)
 FRACTIONS = {
     "top_p": (0, 1, False, True),
