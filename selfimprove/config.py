@@ -256,6 +256,9 @@ class Sampling:
     # null = no log-probabilities; k >= 0 = record each sampled token's log-probability in
     # meta.logprobs, plus the k most likely alternatives per token in meta.top_logprobs when k > 0
     logprobs: int | None = None
+    # null = no top-k cut of our own (the hf backend then applies the model's generation_config
+    # top_k, 50 unless the model sets one; vLLM none); k >= 1 = sample among the k likeliest tokens
+    top_k: int | None = None
 
 
 @dataclass
