@@ -248,7 +248,8 @@ def test_math_two_turn_prompts_and_corrupted_attempts_for_score(tmp_path):
     )
     assert turn == (
         f"{seeds[0]['prompt']}{seeds[0]['completion']}\n\nThere might be an error in the solution above because of "
-        "lack of understanding of the question. Please correct the error, if any, and rewrite the solution.\n"
+        "lack of understanding of the question. Please correct the error, if any, and rewrite the solution. "
+        "Only output the final solution!\n"
     )
 
 

@@ -137,14 +137,16 @@ class MathTask(Task):
     """Shared by GSM8K and MATH: split loading, sizes, prompts, the math-verify reward and the
     two-turn (self-correction) prompts of SCoRe's MATH experiments."""
 
-    version = 4  # 4: train-split rows whose question is a test question are left out of training
+    version = 4  # 4: no training on test questions; SCoRe's "Only output the final solution!" restored
     capabilities = frozenset({"demonstrations", "train_prompts", "extract", "hint", "corrupt", "similar"})
-    #: the first two sentences of SCoRe's (Kumar et al. 2024, appendix) MATH self-correction
-    #: instruction, word for word; its last ones (the "Final Answer: ..." format) are left out, as the
-    #: prompt asks for \boxed{} instead
+    #: the first three sentences of SCoRe's MATH self-correction instruction (Kumar et al. 2024,
+    #: App. C), word for word. Its last sentence, the answer format ("At the end of the Solution, when
+    #: you give your final answer, write it in the form "Final Answer: The final answer is $answer$.
+    #: I hope it is correct.""), is left out: our prompt asks for \boxed{}, which math-verify reads
     correction_instruction = (
         "There might be an error in the solution above because of lack of understanding of the "
-        "question. Please correct the error, if any, and rewrite the solution."
+        "question. Please correct the error, if any, and rewrite the solution. Only output the final "
+        "solution!"
     )
     verify_instruction = VERIFY_INSTRUCTION
 
