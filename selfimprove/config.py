@@ -62,6 +62,13 @@ class Better(str, Enum):
     none = "none"
 
 
+class StepsRule(str, Enum):
+    """How STaR's fine-tuning steps grow per iteration: linear adds, compound multiplies (the paper's)."""
+
+    linear = "linear"
+    compound = "compound"
+
+
 class WandbMode(str, Enum):
     offline = "offline"
     online = "online"
@@ -249,6 +256,9 @@ class Sampling:
     # null = no log-probabilities; k >= 0 = record each sampled token's log-probability in
     # meta.logprobs, plus the k most likely alternatives per token in meta.top_logprobs when k > 0
     logprobs: int | None = None
+    # null = no top-k cut of our own (the hf backend then applies the model's generation_config
+    # top_k, 50 unless the model sets one; vLLM none); k >= 1 = sample among the k likeliest tokens
+    top_k: int | None = None
 
 
 @dataclass
@@ -291,6 +301,8 @@ class Star:
     replay_seed_data: bool = MISSING
     train_on_samples: bool = MISSING
     restart_from_base: bool = MISSING
+    steps_rule: StepsRule = MISSING
+    steps_factor: float = MISSING
     warmstart: Train = MISSING
     train: Train = MISSING
 

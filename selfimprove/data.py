@@ -60,7 +60,7 @@ def hint_prompts(out: Path, scored: Artifact, dataset: dict) -> dict:
     return {"prompts": len(records)}
 
 
-@stage(version=1)
+@stage(version=2)  # 2: the per-prompt cap counts by prompt text, not by record id
 def keep_correct(
     out: Path,
     scored: list[Artifact],
@@ -72,7 +72,9 @@ def keep_correct(
 ) -> dict:
     """Stage: the SFT set of one iteration -- samples whose reward is at least ``min_reward``
     (hint dropped, cut after the answer, deduplicated, at most ``max_per_prompt`` per prompt) plus
-    the replayed seed demonstrations."""
+    the replayed seed demonstrations. The cap counts by the prompt's text, not the record id: a
+    question asked again in a later iteration gets a new id (GSM8K's ``train<n>-<row>``), and
+    with ``accumulate`` its rationales from every iteration share one cap."""
     task = tasks.load(dataset)
     kept: dict[str, list[dict]] = defaultdict(list)
     seen = set()
@@ -83,11 +85,11 @@ def keep_correct(
                 continue
             prompt = r["meta"].get("unhinted_prompt", r["prompt"])
             completion = task.clean(r["completion"])
-            if (prompt, completion) in seen or len(kept[r["id"]]) >= max_per_prompt:
+            if (prompt, completion) in seen or len(kept[prompt]) >= max_per_prompt:
                 continue
             seen.add((prompt, completion))
             rationalized += "unhinted_prompt" in r["meta"]
-            kept[r["id"]].append(
+            kept[prompt].append(
                 {
                     "id": r["id"],
                     "prompt": prompt,

@@ -1,5 +1,8 @@
 """Held-out evaluation: greedy accuracy per difficulty level, and (``eval.sampled``) pass@k,
-maj@k and best-of-n with each configured selector, plus the tokens spent."""
+maj@k and best-of-n with each configured selector, plus the tokens spent.
+
+An item the verifier cannot score (reward None) counts as wrong, in every metric: leaving it out of
+the denominator would raise the accuracy of a model whose answers cannot be read."""
 
 from __future__ import annotations
 
@@ -13,6 +16,11 @@ from selfimprove.registry import ConfigError
 from selfimprove.scoring import score_records
 
 SELECTORS = ("oracle", "self_certainty")
+
+
+def accuracy(scored: list[dict]) -> float:
+    """Mean reward over every item, an unscorable one (reward None) counted as 0."""
+    return fraction([r["reward"] or 0.0 for r in scored], 0.0)
 
 
 def sampled_metrics(
@@ -54,7 +62,7 @@ def sampled_metrics(
     return out, scored
 
 
-@stage(version=1)
+@stage(version=2)  # 2: an unscorable item counts as wrong (was: left out of acc's denominator)
 def evaluate(
     out: Path,
     model: Artifact,
@@ -75,8 +83,10 @@ def evaluate(
             budget = task.max_new_tokens(records[0])
             greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": budget, "stop": []}
             scored = score_records(task, sample(model, records, greedy, generator, hardware, seed, advance))
-            judged = [r["reward"] for r in scored if r["reward"] is not None]
-            metrics[f"acc/{level}"] = fraction(judged, 0.0)
+            metrics[f"acc/{level}"] = accuracy(scored)
+            unscored = sum(r["reward"] is None for r in scored)
+            if unscored:  # said, so that a low accuracy from unreadable answers is told apart
+                metrics[f"unscored/{level}"] = unscored
             tokens += sum(r["meta"]["tokens"] for r in scored)
             all_scored += scored
             if eval and eval["sampled"]:

@@ -60,7 +60,7 @@ AT_LEAST_ONE = (
     "steps batch_size micro_batch_size n max_tokens test_per_level test_size num_generations "
     "max_completion_length max_length workers samples max_per_prompt games problems solutions "
     "items_per_adapter prompts_per_iteration queries n_star monitor_s critique_tokens num_threads num_processes "
-    "tensor_parallel_size data_parallel_size r rank k digits cpu_seconds memory_mb nproc "
+    "tensor_parallel_size data_parallel_size r rank k top_k digits cpu_seconds memory_mb nproc "
     "file_size_mb disk_mb open_files output_bytes prompt_tokens completion_tokens hidden_size num_layers "
     "num_heads num_kv_heads intermediate_size max_position_embeddings test_levels seed_levels train_levels "
     "bench_levels game_levels"
@@ -70,7 +70,9 @@ AT_LEAST_ZERO = (
     "warmup_ratio weight_decay beta seed_per_level few_shot_per_level train_per_iteration seed_size "
     "train_size replay_min exemplar_examples warmstart.steps"
 ).split()
-POSITIVE = "lr LearningRates.sft LearningRates.rl LearningRates.dpo timeout memory_gb scale".split()
+POSITIVE = (
+    "steps_factor lr LearningRates.sft LearningRates.rl LearningRates.dpo timeout memory_gb scale".split()
+)
 #: fractions: key -> (low, high, low allowed, high allowed)
 FRACTIONS = {
     "top_p": (0, 1, False, True),

@@ -215,7 +215,7 @@ def test_similar_problems_are_new_answered_and_not_held_out(built, name):
     task = built[name][0]
     test = [r for rs in task.test_sets().values() for r in rs]
     held_out = {r["prompt"] for r in test}
-    rec = max(test, key=lambda r: str(r["meta"]["level"]))  # 1-digit arithmetic is not held out
+    rec = max(test, key=lambda r: str(r["meta"]["level"]))
     count = 2 if name in ("gsm8k", "math") else 3
     similar = task.similar(rec, count, seed=0)
     assert len(similar) == count and similar == task.similar(rec, count, seed=0)
@@ -223,6 +223,44 @@ def test_similar_problems_are_new_answered_and_not_held_out(built, name):
     assert len({r["prompt"] for r in similar}) == count
     assert all(r["meta"]["level"] == rec["meta"]["level"] for r in similar)
     assert score(task, similar, [gold_completion(task, r) for r in similar]) == [1.0] * count
+
+
+def problem(name: str, record: dict):
+    """What makes two records one problem: a+b and b+a for the addition tasks, else the prompt."""
+    if name in ("arithmetic", "reversed_addition"):
+        a, b = record["meta"]["a"], record["meta"]["b"]
+        return min(a, b), max(a, b)
+    return record["prompt"]
+
+
+def assert_held_out(name: str, task) -> None:
+    """No seed demonstration, train prompt (three iterations) or similar problem is a test problem
+    (nor, for addition, its b+a twin), at any level."""
+    test = [r for rs in task.test_sets().values() for r in rs]
+    trained = task.seed_data() + [r for i in range(3) for r in task.train_prompts(i)]
+    if "similar" in task.capabilities:
+        trained += [s for rec in test[:: max(1, len(test) // 8)] for s in task.similar(rec, 3, seed=0)]
+    assert test and trained, "nothing to compare"
+    held_out = {problem(name, r) for r in test}
+    leaked = [r["prompt"] for r in trained if problem(name, r) in held_out]
+    assert not leaked, f"{len(leaked)} training problems are test problems: {leaked[:5]}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_test_problem_is_ever_trained_on(built, name):
+    """Every task with a train and a test split (the local GSM8K/MATH files leak one test question
+    into the train split: it must be left out)."""
+    assert_held_out(name, built[name][0])
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "reversed_addition"])
+def test_addition_test_sets_are_held_out_with_their_twins_at_the_default_sizes(name):
+    """At the default sizes (the demo's 1000 seeds per level), where 1-digit addition has only 100
+    problems: the test set takes at most half of a level's problems, and no twin is trained on."""
+    task = tasks.load(plain(compose_cfg([f"dataset={name}"]).dataset))
+    assert_held_out(name, task)
+    sizes = {level: len(records) for level, records in task.test_sets().items()}
+    assert sizes["1"] == 27 and sizes["2"] == 200  # 55 distinct 1-digit problems (a+b = b+a)
 
 
 def test_math_similar_prefers_the_test_records_level_across_level_spellings(built):

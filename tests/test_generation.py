@@ -76,3 +76,19 @@ def test_hf_logprobs_are_the_models_own(tmp_path, bos):
             tmp_path, records[:1], {**sampling, "logprobs": None}, plain(cfg.generator), hardware, seed=0
         )[0]["meta"]
     )
+
+
+def test_hf_top_k_cuts_sampling_to_the_k_likeliest_tokens(tmp_path):
+    """top_k=1 at temperature 1 samples the greedy completion every time; without it, an untrained
+    model's samples differ (so the cut is what makes them equal)."""
+    cfg = compose_cfg([])
+    build_tiny(plain(cfg.model), tmp_path, seed=0)
+    records = [{"id": 0, "prompt": "12+34:"}, {"id": 1, "prompt": "7+5:"}]
+    args = (plain(cfg.generator), plain(cfg.hardware))
+    base = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 8, "stop": []}
+    greedy = hf.generate(tmp_path, records, {**base, "n": 1, "temperature": 0.0}, *args, seed=0)
+    cut = hf.generate(tmp_path, records, {**base, "n": 4, "top_k": 1}, *args, seed=0)
+    free = hf.generate(tmp_path, records, {**base, "n": 4}, *args, seed=0)
+    for g in greedy:
+        assert {c["completion"] for c in cut if c["id"] == g["id"]} == {g["completion"]}
+    assert len({c["completion"] for c in free}) > 2

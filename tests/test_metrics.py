@@ -16,6 +16,7 @@ from selfimprove.balance import (
     selected,
     with_scores,
 )
+from selfimprove.evaluation import accuracy
 from selfimprove.metrics import (
     auroc,
     balance_score,
@@ -57,6 +58,13 @@ def test_majority_vote_ignores_none_and_breaks_ties_by_first_seen():
     rewards = [1.0 if a == "5" else 0.0 for a in answers]  # the verifier judges the majority answer
     assert [maj_at_k(answers, rewards, k) for k in (1, 2, 3, 4, 6)] == [1.0, 1.0, 0.0, 0.0, 1.0]
     assert majority([None, None]) is None and maj_at_k([None], [0.0], 1) == 0.0
+
+
+def test_held_out_accuracy_counts_an_unscorable_item_as_wrong():
+    """Two right of four, not two of the three the verifier could score."""
+    scored = [{"reward": 1.0}, {"reward": None}, {"reward": 0.0}, {"reward": 1.0}]
+    assert accuracy(scored) == 0.5
+    assert accuracy([{"reward": None}]) == 0.0 and accuracy([]) == 0.0
 
 
 def test_balance_score_by_hand():

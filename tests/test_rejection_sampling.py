@@ -85,9 +85,36 @@ def test_keep_correct_dedupes_cuts_and_drops_hints(tmp_path, scored):
 
 def test_keep_correct_caps_per_prompt_and_applies_the_threshold(tmp_path, scored):
     capped = build(tmp_path / "capped", scored, max_per_prompt=1)
-    assert sorted(r["id"] for r in capped) == ["a", "d"]
+    assert [r["id"] for r in capped] == ["a"], "one cap for the prompt, whatever the ids (d is a's, hinted)"
     lenient = build(tmp_path / "lenient", scored, min_reward=0.5)
     assert sorted(r["id"] for r in lenient) == ["a", "a", "b", "d"]
+
+
+def test_the_cap_holds_across_iterations_whose_ids_differ(tmp_path):
+    """GSM8K asks the same question again in a later iteration under a new id (train<n>-<row>):
+    with accumulate, both iterations' rationales for it share one cap."""
+    iterations = []
+    for it in (1, 2):
+        folder = tmp_path / f"scored{it}"
+        folder.mkdir()
+        write_jsonl(folder / "scored.jsonl", [rec(f"train{it}-7", f"s{it}-{k};ans 42", 1.0) for k in (0, 1)])
+        iterations.append(Artifact("score", folder, f"fp{it}"))
+    (tmp_path / "out").mkdir()
+    keep_correct(tmp_path / "out", scored=iterations, dataset=DATASET, max_per_prompt=3, replay=None, seed=0)
+    kept = read_jsonl(tmp_path / "out" / "train.jsonl")
+    assert sorted(r["completion"] for r in kept) == ["s1-0;ans 42", "s1-1;ans 42", "s2-0;ans 42"]
+
+
+def test_star_gsm8k_is_the_papers_algorithm_1():
+    """experiment=star_gsm8k: the original model trained on this iteration's data only, for
+    40 steps then 20 % more each iteration compounded (STaR's iteration_train.py, --exponential_grow)."""
+    from selfimprove.methods.star import iteration_steps
+
+    m = compose_cfg(["experiment=star_gsm8k"]).method
+    assert (m.restart_from_base, m.accumulate, m.replay_seed_data) == (True, False, False)
+    assert [iteration_steps(m, n) for n in range(1, 6)] == [40, 48, 57, 69, 82]
+    linear = compose_cfg(["method.train.steps=40", "method.train.steps_growth=8"]).method
+    assert [iteration_steps(linear, n) for n in range(1, 6)] == [40, 48, 56, 64, 72]
 
 
 # -- STaR's options, end to end --------------------------------------------------------------------------

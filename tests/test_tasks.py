@@ -41,6 +41,11 @@ MATH_ROWS = [
 ]
 
 
+def reworded(rows: list[dict]) -> list[dict]:
+    """MATH rows as other problems (a train split must not hold the test split's questions)."""
+    return [{**r, "problem": r["problem"] + " Again."} for r in rows]
+
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -64,7 +69,8 @@ def load(overrides):
 
 
 def test_gsm8k_from_local_jsonl_and_parquet(tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl", GSM8K_ROWS)
+    more = [(20, 22), (5, 5), (9, 9)]  # the train split's questions that are not test questions too
+    train = write_jsonl(tmp_path / "train.jsonl", GSM8K_ROWS + [gsm8k_row(a, b) for a, b in more])
     test = write_parquet(tmp_path / "test.parquet", GSM8K_ROWS[:3])
     task = load(
         [
@@ -81,12 +87,13 @@ def test_gsm8k_from_local_jsonl_and_parquet(tmp_path):
         f"\\boxed{{{seeds[0]['answer']}}}."
     )
     assert "\\boxed{}" in seeds[0]["prompt"] and "apples" in seeds[0]["prompt"]
-    assert seeds[0]["answer"] in {str(a + b) for a, b in [(3, 4), (10, 5), (7, 8), (1234, 0), (2, 2), (6, 1)]}
+    assert seeds[0]["answer"] in {str(a + b) for a, b in [(1200, 34), (2, 2), (6, 1), *more]}
     prompts1, prompts2 = task.train_prompts(1), task.train_prompts(2)
     assert len(prompts1) == 3 and "completion" not in prompts1[0]
     seed_q = {s["prompt"] for s in seeds}
     assert not seed_q & {p["prompt"] for p in prompts1 + prompts2}  # seeds are never train prompts
     test_set = task.test_sets()["test"]
+    assert not {r["prompt"] for r in test_set} & {p["prompt"] for p in seeds + prompts1 + prompts2}
     assert [r["answer"] for r in test_set] == ["7", "15", "15"]
     # the gold completions themselves score 1; math-verify accepts other spellings too
     assert task.reward([], [s["completion"] for s in seeds], [s["answer"] for s in seeds]) == [1.0, 1.0]
@@ -101,10 +108,11 @@ def test_gsm8k_from_local_jsonl_and_parquet(tmp_path):
 
 def test_math_answers_from_boxed_solutions_and_levels(tmp_path):
     data = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
+    train = write_jsonl(tmp_path / "train.jsonl", reworded(MATH_ROWS))
     task = load(
         [
             "dataset=math",
-            f"dataset.train.path={data}",
+            f"dataset.train.path={train}",
             f"dataset.test.path={data}",
             "dataset.seed_size=1",
             "dataset.train_per_iteration=2",
@@ -225,8 +233,9 @@ def test_math_two_turn_prompts_and_corrupted_attempts_for_score(tmp_path):
     import random
 
     data = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
+    train = write_jsonl(tmp_path / "train.jsonl", reworded(MATH_ROWS))
     task = load(
-        ["dataset=math", f"dataset.train.path={data}", f"dataset.test.path={data}", "dataset.seed_size=4"]
+        ["dataset=math", f"dataset.train.path={train}", f"dataset.test.path={data}", "dataset.seed_size=4"]
     )
     seeds = task.seed_data()
     rng = random.Random(0)
@@ -239,7 +248,8 @@ def test_math_two_turn_prompts_and_corrupted_attempts_for_score(tmp_path):
     )
     assert turn == (
         f"{seeds[0]['prompt']}{seeds[0]['completion']}\n\nThere might be an error in the solution above because of "
-        "lack of understanding of the question. Please correct the error, if any, and rewrite the solution.\n"
+        "lack of understanding of the question. Please correct the error, if any, and rewrite the solution. "
+        "Only output the final solution!\n"
     )
 
 
@@ -252,7 +262,8 @@ def test_score_math_two_turn_warm_start_data(tmp_path):
     from selfimprove.pipeline import Run, read_jsonl
 
     data = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
-    cfg = compose_cfg(["experiment=score_math", f"dataset.train.path={data}", f"dataset.test.path={data}"])
+    train = write_jsonl(tmp_path / "train.jsonl", reworded(MATH_ROWS))
+    cfg = compose_cfg(["experiment=score_math", f"dataset.train.path={train}", f"dataset.test.path={data}"])
     assert (cfg.method.name, cfg.dataset.name, cfg.model.chat_template) == ("score", "math", False)
     dataset = plain(cfg.dataset)
     with Run(tmp_path / "run", log=lambda _: None) as run:

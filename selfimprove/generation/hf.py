@@ -45,6 +45,8 @@ def generate(
             top_p=sampling["top_p"],
             num_return_sequences=n,
         )
+        if sampling.get("top_k") is not None:
+            kwargs.update(top_k=sampling["top_k"])
     if sampling.get("stop"):
         kwargs.update(stop_strings=list(sampling["stop"]), tokenizer=tokenizer)
     top_k = sampling.get("logprobs")

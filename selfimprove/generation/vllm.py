@@ -220,6 +220,7 @@ def run_engine(job: dict) -> dict:
                 seed=job["seed"] + job.get("first", 0) + i,
                 stop_token_ids=stop_ids,
                 logprobs=s.get("logprobs"),
+                **({"top_k": s["top_k"]} if s.get("top_k") is not None else {}),
             )
             for i in range(len(job["prompts"]))
         ]

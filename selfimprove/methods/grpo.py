@@ -4,10 +4,12 @@ GRPOTrainer. docs/methods/grpo.md maps the paper to this.
 M0 <- warm start: SFT on the seed rationales (as STaR's)
 for i = 1..I:                                   each iteration one resumable train stage
     P_i <- the iteration's unlabelled prompts (answers only)
+    pi_ref <- M_{i-1}                           this iteration's start (the paper's Algorithm 1:
+                                                pi_ref <- pi_theta at each iteration), not M0
     for each step: sample G completions per prompt from M (on-policy), reward r = verifier(answer),
                    advantage = (r - mean_group(r)) [/ std_group(r)], clipped policy-gradient update
-                   [+ beta * KL(M || M0)]
-    M_i <- M after rl.steps updates
+                   [+ beta * KL(M || pi_ref)]
+    M_i <- M after train.steps updates
     evaluate M_i on held-out sets
 """
 

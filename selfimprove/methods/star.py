@@ -6,7 +6,7 @@ for n = 1..N:
     r^_i <- rationalize: for x_i with no correct r_i, sample with the answer as a hint
     D_n  <- {(x_i, r_i) : answer(r_i) = y_i} U {(x_i, r^_i) : answer(r^_i) = y_i}   (hints dropped)
             [U D_{n-1} if accumulate: every correct rationale found so far]
-    M_n  <- SFT(M_0 if restart_from_base else M_{n-1}, D_n [+ seed replay])
+    M_n  <- SFT(M_0 if restart_from_base else M_{n-1}, D_n [+ seed replay]) for iteration_steps(n)
     evaluate M_n on held-out sets; monitor exploration / exploitation of the samples
 """
 
@@ -30,6 +30,16 @@ def needs(cfg: DictConfig) -> list[Need]:
     """What STaR uses of a task (tasks.check_needs refuses a run whose dataset lacks a required one)."""
     hint = [Need("hint", "rationalization (method.rationalize=true)")] if cfg.method.rationalize else []
     return warm_start_needs(cfg) + [Need("train_prompts", "the iterations' prompts"), *hint] + MONITOR_NEEDS
+
+
+def iteration_steps(m: DictConfig, n: int) -> int:
+    """Fine-tuning steps of iteration n (from 1). ``linear``: ``train.steps`` plus
+    ``train.steps_growth`` per iteration. ``compound``: ``train.steps`` times ``steps_factor`` per
+    iteration, the paper's rule -- 40 steps, then 20 % more each time, ``int(40 * 1.2 ** (n - 1))``
+    (ezelikman/STaR iteration_train.py:get_n_steps with --exponential_grow)."""
+    if m.steps_rule == "compound":
+        return int(m.train.steps * m.steps_factor ** (n - 1))
+    return m.train.steps + m.train.steps_growth * (n - 1)
 
 
 def star(cfg: DictConfig, run: Run) -> None:
@@ -78,7 +88,7 @@ def star(cfg: DictConfig, run: Run) -> None:
             replay=seeds if m.replay_seed_data else None,
             seed=seed,
         )
-        train = {**m.train, "steps": m.train.steps + m.train.steps_growth * (it.index - 1)}
+        train = {**m.train, "steps": iteration_steps(m, it.index)}
         model = it.stage(
             "train",
             sft,

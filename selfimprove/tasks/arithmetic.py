@@ -12,6 +12,11 @@ get a quarter of the 3-digit problems right before any self-improvement (0.05 wi
 restating and the partial results). The difficulty level is the number of digits per operand.
 Gold rationales exist for the seed levels (and a few exemplars at the train levels, STaR's
 few-shot rationales); train prompts at the harder levels carry only the final answer.
+
+The test set of each level is drawn first and held out at every level: no seed, train or similar
+problem is a test problem or its b+a twin. A level's test set takes at most ``TEST_SHARE`` of its
+distinct problems (a+b and b+a counted once), so training keeps the rest: 1-digit addition has 55
+such problems, so acc/1 is scored on 27 and the warm start sees the other 28 (both orders).
 """
 
 from __future__ import annotations
@@ -26,6 +31,35 @@ ANSWER = re.compile(r"ans (\d+)")
 STEP = re.compile(r"^(\d+\+\d+:)?(\d)\+(\d)\+(\d)=(\d\d)\|(\d+)$")
 #: ways ``wrong_step`` can make one column step wrong (SPC's sneaky rewrites, synthesised)
 WRONG_STEP_KINDS = ("sum", "carry", "copy", "digit")
+#: the largest share of a level's distinct problems its test set may hold out
+TEST_SHARE = 0.5
+
+
+def operands(digits: int) -> int:
+    """How many operands have ``digits`` digits (0-9 at one digit, no leading zeros above)."""
+    return 10 if digits == 1 else 9 * 10 ** (digits - 1)
+
+
+def test_count(digits: int, wanted: int) -> int:
+    """``wanted`` capped at ``TEST_SHARE`` of the level's distinct problems (a+b = b+a)."""
+    n = operands(digits)
+    return min(wanted, int(TEST_SHARE * n * (n + 1) // 2))
+
+
+def distinct_problems(draw, count: int) -> list[tuple[int, int]]:
+    """``count`` pairs from ``draw()``, no two the same problem (a+b and b+a are one problem)."""
+    seen, out = set(), []
+    while len(out) < count:
+        a, b = draw()
+        if (min(a, b), max(a, b)) not in seen:
+            seen.add((min(a, b), max(a, b)))
+            out.append((a, b))
+    return out
+
+
+def with_twins(pairs) -> set[tuple[int, int]]:
+    """The pairs and their commutative twins: what training must never see."""
+    return {p for a, b in pairs for p in ((a, b), (b, a))}
 
 
 def rationale(a: int, b: int, slip: tuple[int, int] | None = None) -> str:
@@ -93,7 +127,7 @@ def wrong_step(a: int, b: int, k: int, kind: str, rng: random.Random) -> str:
 
 
 class Arithmetic(Task):
-    version = 3
+    version = 4  # 4: test problems and their b+a twins held out at every level
     wrong_step_kinds = WRONG_STEP_KINDS
     capabilities = frozenset(
         {"demonstrations", "train_prompts", "extract", "hint", "corrupt", "similar", "step_checker"}
@@ -132,24 +166,22 @@ class Arithmetic(Task):
         return rec
 
     def _test_pairs(self) -> dict[int, list[tuple[int, int]]]:
+        """Each test level's problems, drawn before any training data (distinct, no twins)."""
         if not hasattr(self, "_test_cache"):
             cache = {}
             for digits in self.cfg["test_levels"]:
                 rng = random.Random(f"arithmetic-test-{self.cfg['test_seed']}-{digits}")
-                cache[digits] = [
-                    (self._operand(rng, digits), self._operand(rng, digits))
-                    for _ in range(self.cfg["test_per_level"])
-                ]
+                cache[digits] = distinct_problems(
+                    lambda rng=rng, d=digits: (self._operand(rng, d), self._operand(rng, d)),
+                    test_count(digits, self.cfg["test_per_level"]),
+                )
             self._test_cache = cache
         return self._test_cache
 
     def _sample(self, rng: random.Random, digits: int, count: int) -> list[tuple[int, int]]:
-        """``count`` problems at one level that are not in the held-out test set."""
-        held_out = (
-            set(self._test_pairs().get(digits, [])) if digits > 1 else set()
-        )  # 1-digit: too few to hold out
-        pool = (10 if digits == 1 else 9 * 10 ** (digits - 1)) ** 2
-        count = min(count, pool - len(held_out))  # distinct problems only (there are 100 1-digit ones)
+        """``count`` distinct problems at one level, none a test problem or its b+a twin."""
+        held_out = with_twins(self._test_pairs().get(digits, []))
+        count = min(count, operands(digits) ** 2 - len(held_out))  # there are 100 1-digit ones
         pairs: dict[tuple[int, int], None] = {}
         while len(pairs) < count:
             pair = (self._operand(rng, digits), self._operand(rng, digits))

@@ -137,14 +137,16 @@ class MathTask(Task):
     """Shared by GSM8K and MATH: split loading, sizes, prompts, the math-verify reward and the
     two-turn (self-correction) prompts of SCoRe's MATH experiments."""
 
-    version = 3  # 3: Self-Refine's verify instruction is a question, not the word "verify"
+    version = 4  # 4: no training on test questions; SCoRe's "Only output the final solution!" restored
     capabilities = frozenset({"demonstrations", "train_prompts", "extract", "hint", "corrupt", "similar"})
-    #: the first two sentences of SCoRe's (Kumar et al. 2024, appendix) MATH self-correction
-    #: instruction, word for word; its last ones (the "Final Answer: ..." format) are left out, as the
-    #: prompt asks for \boxed{} instead
+    #: the first three sentences of SCoRe's MATH self-correction instruction (Kumar et al. 2024,
+    #: App. C), word for word. Its last sentence, the answer format ("At the end of the Solution, when
+    #: you give your final answer, write it in the form "Final Answer: The final answer is $answer$.
+    #: I hope it is correct.""), is left out: our prompt asks for \boxed{}, which math-verify reads
     correction_instruction = (
         "There might be an error in the solution above because of lack of understanding of the "
-        "question. Please correct the error, if any, and rewrite the solution."
+        "question. Please correct the error, if any, and rewrite the solution. Only output the final "
+        "solution!"
     )
     verify_instruction = VERIFY_INSTRUCTION
 
@@ -203,8 +205,14 @@ class MathTask(Task):
             rec["completion"] = self.gold_completion(row)
         return rec
 
+    def _test_questions(self) -> set[str]:
+        """Every test-split question: no seed, train or similar problem may be one of them."""
+        return {str(r[self.cfg["question_key"]]) for r in self.rows("test")}
+
     def _shuffled_train(self) -> list[dict]:
         rows = [r for r in self.rows("train") if self.gold_answer(r) is not None]
+        held_out, question = self._test_questions(), self.cfg["question_key"]
+        rows = [r for r in rows if str(r[question]) not in held_out]
         random.Random(f"{self.cfg['name']}-{self.cfg['seed']}").shuffle(rows)
         return rows
 
@@ -280,8 +288,7 @@ class MathTask(Task):
         """Train rows with an answer whose question is not in the test split, with their prompts
         (built once: ``similar`` is called for every uncertain test item)."""
         if self._pool is None:
-            question = self.cfg["question_key"]
-            held_out = {str(r[question]) for r in self.rows("test")}
+            question, held_out = self.cfg["question_key"], self._test_questions()
             self._pool = [
                 (r, self.record(r, "similar")["prompt"])
                 for r in self.rows("train")

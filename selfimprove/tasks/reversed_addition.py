@@ -9,6 +9,8 @@ Gold labels exist for the seed levels (digits per operand); the train prompts of
 self-generated label only when the model agrees with itself on both orders. Their ``answer`` is
 the true sum, used only to score the held-out sets and to measure how good the kept labels are.
 The hint format follows the scratchpad task's: ``375+588=`` becomes ``375+588|8541=``.
+Test sets are held out as the scratchpad task's are (``arithmetic.py``): drawn first, distinct,
+at most half of a level's distinct problems, and never seen -- nor their b+a twins -- in training.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import random
 import re
 
 from selfimprove.registry import ConfigError
+from selfimprove.tasks.arithmetic import distinct_problems, operands, test_count, with_twins
 from selfimprove.tasks.base import Task
 
 #: dataset.seed_lengths: both operands of a level-n gold problem have n digits, or one has n and the
@@ -30,7 +33,7 @@ def rev(number: int) -> str:
 
 
 class ReversedAddition(Task):
-    version = 1
+    version = 2  # 2: test problems and their b+a twins held out at every level
     capabilities = frozenset(
         {"demonstrations", "train_prompts", "extract", "hint", "corrupt", "similar", "label_pairs"}
     )
@@ -70,13 +73,11 @@ class ReversedAddition(Task):
             rec["completion"] = rev(a + b)
         return rec
 
-    def _pairs(
-        self, key: str, digits: int, count: int, held_out: bool = True, mixed: bool = False
-    ) -> list[tuple[int, int]]:
-        """``count`` problems (held-out test problems excluded unless this draws the test set);
+    def _pairs(self, key: str, digits: int, count: int, mixed: bool = False) -> list[tuple[int, int]]:
+        """``count`` problems, none a test problem or its b+a twin;
         ``mixed``: the second operand has 1..``digits`` digits and the two are in random order."""
         rng = random.Random(key)
-        test = self._test_pairs(digits) if held_out and digits > 1 else set()
+        test = self._test_pairs(digits)
         out = []
         while len(out) < count:
             pair = (
@@ -89,9 +90,17 @@ class ReversedAddition(Task):
                 out.append(pair)
         return out
 
+    def _test_list(self, digits: int) -> list[tuple[int, int]]:
+        """A level's test problems: distinct (a+b and b+a are one), at most half the level's."""
+        rng = random.Random(f"reversed-test-{self.cfg['test_seed']}-{digits}")
+        return distinct_problems(
+            lambda: (self._operand(rng, digits), self._operand(rng, digits)),
+            test_count(digits, self.cfg["test_per_level"]),
+        )
+
     def _test_pairs(self, digits: int) -> set[tuple[int, int]]:
-        key = f"reversed-test-{self.cfg['test_seed']}-{digits}"
-        return set(self._pairs(key, digits, self.cfg["test_per_level"], held_out=False))
+        """What training never sees at a level: its test problems and their b+a twins."""
+        return with_twins(self._test_list(digits))
 
     def seed_data(self) -> list[dict]:
         out = []
@@ -117,14 +126,7 @@ class ReversedAddition(Task):
 
     def test_sets(self) -> dict[str, list[dict]]:
         return {
-            str(d): [
-                self._record(a, b, "test", i)
-                for i, (a, b) in enumerate(
-                    self._pairs(
-                        f"reversed-test-{self.cfg['test_seed']}-{d}", d, self.cfg["test_per_level"], False
-                    )
-                )
-            ]
+            str(d): [self._record(a, b, "test", i) for i, (a, b) in enumerate(self._test_list(d))]
             for d in self.cfg["test_levels"]
         }
 
@@ -154,9 +156,9 @@ class ReversedAddition(Task):
         """``count`` distinct new problems at the record's level (held-out test problems and the
         record itself left out), the same for the same seed and record."""
         digits, rng = record["meta"]["level"], random.Random(f"reversed-similar-{seed}-{record['id']}")
-        test = self._test_pairs(digits) if digits > 1 else set()  # 1-digit: too few to hold out
+        test = self._test_pairs(digits)
         own = (record["meta"]["a"], record["meta"]["b"])
-        pool = (10 if digits == 1 else 9 * 10 ** (digits - 1)) ** 2 - len(test) - 1
+        pool = operands(digits) ** 2 - len(test) - 1
         pairs: dict[tuple[int, int], None] = {}
         while len(pairs) < min(count, pool):
             pair = (self._operand(rng, digits), self._operand(rng, digits))
