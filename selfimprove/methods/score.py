@@ -6,10 +6,10 @@ variant base:      M0 prompted to self-correct (evaluated only)
 variant star_sft:  episodes (y1, instruction, y2) ~ M0 on train prompts; SFT(M0, those with r(y2) = 1)
 variant pair_sft:  attempts ~ M0; SFT(M0, problem + wrong attempt + instruction -> correct attempt)
 variant score:
-    Stage I:  on-policy two-turn RL from M0, reward r(y2), advantage on attempt 2 only,
-              strong KL (beta_stage1) to M0 holding attempt 1 at the base          -> M1
-    Stage II: on-policy two-turn RL from M1 (stage2_iterations times), reward
-              r(y1) + r(y2) + alpha * (r(y2) - r(y1)) on both attempts, KL rl.beta  -> M2 ...
+    Stage I:  on-policy two-turn RL from M0; turn 2 rewarded r(y2), turn 1 nothing; KL to M0
+              strong on attempt 1 (beta_stage1, holding it at the base), rl.beta on attempt 2 -> M1
+    Stage II: on-policy two-turn RL from M1 (stage2_iterations times); each turn its own reward:
+              turn 1 r(y1), turn 2 r(y2) + alpha * (r(y2) - r(y1)); KL rl.beta           -> M2 ...
 each model: two greedy attempts on the held-out sets -> Acc@t1, Acc@t2, Δ, Δ^{i→c}, Δ^{c→i}
 """
 
@@ -90,8 +90,9 @@ def score(cfg: DictConfig, run: Run) -> None:
                 dataset=dataset,
                 phase=phase,
                 alpha=m.alpha,
+                beta_first=m.beta_stage1 if phase == 1 else m.rl.beta,
                 train=m.train,
-                rl={**m.rl, "beta": m.beta_stage1 if phase == 1 else m.rl.beta},
+                rl=m.rl,
                 hardware=hw,
                 seed=seed,
             )
