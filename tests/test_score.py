@@ -32,6 +32,7 @@ SMALL = [
     "hardware.checkpoint_steps=2",
     "method.rl.max_completion_length=24",
     "method.traces.n=2",
+    "method.star_iterations=2",
     "method.traces.max_tokens=24",
     "method.sft.steps=4",
     "dataset.seed_per_level=100",
@@ -151,7 +152,8 @@ def test_every_variant_end_to_end_and_the_table(tmp_path):
         for v in ("base", "star_sft", "pair_sft", "score")
     }
     assert [r["iteration"] for r in rows["base"]] == [0]
-    assert [r["iteration"] for r in rows["star_sft"]] == [0, 1]
+    assert [r["iteration"] for r in rows["star_sft"]] == [0, 1, 2], "STaR: rounds, Pair-SFT: one"
+    assert [r["iteration"] for r in rows["pair_sft"]] == [0, 1]
     assert [r["iteration"] for r in rows["score"]] == [0, 1, 2]
     for variant_rows in rows.values():
         assert all(TWO_TURN <= set(r) for r in variant_rows)
