@@ -532,6 +532,7 @@ class Score:
     beta_stage1: float = MISSING
     train: Train = MISSING
     rl: RL = MISSING
+    star_iterations: int = MISSING
     traces: Sampling = MISSING
     max_per_prompt: int = MISSING
     sft: Train = MISSING

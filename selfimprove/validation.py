@@ -57,7 +57,7 @@ def check_keys(cfg: DictConfig) -> None:
 #: ranges by key name, at any depth of the schema-typed config; ``parent.key`` or ``Schema.key`` for one
 #: place's key (``method.warmstart.steps=0`` skips the warm start; ``model.optim.lr.sft`` is a rate)
 AT_LEAST_ONE = (
-    "steps batch_size micro_batch_size n max_tokens test_per_level test_size num_generations "
+    "steps batch_size micro_batch_size n max_tokens star_iterations test_per_level test_size num_generations "
     "max_completion_length max_length workers samples max_per_prompt games problems solutions "
     "items_per_adapter prompts_per_iteration queries n_star monitor_s critique_tokens num_threads num_processes "
     "tensor_parallel_size data_parallel_size r rank k top_k digits cpu_seconds memory_mb nproc "

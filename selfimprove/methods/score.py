@@ -3,13 +3,14 @@ and the baselines of its table. docs/methods/score.md maps the paper to this.
 
 M0 <- warm start: SFT on the seed rationales + a few two-turn examples (so attempt 2 means something)
 variant base:      M0 prompted to self-correct (evaluated only)
-variant star_sft:  episodes (y1, instruction, y2) ~ M0 on train prompts; SFT(M0, those with r(y2) = 1)
+variant star_sft:  star_iterations times: episodes (y1, instruction, y2) ~ the latest model on fresh
+                   train prompts; SFT(M0, those with r(y2) = 1)
 variant pair_sft:  attempts ~ M0; SFT(M0, problem + wrong attempt + instruction -> correct attempt)
 variant score:
-    Stage I:  on-policy two-turn RL from M0, reward r(y2), advantage on attempt 2 only,
-              strong KL (beta_stage1) to M0 holding attempt 1 at the base          -> M1
-    Stage II: on-policy two-turn RL from M1 (stage2_iterations times), reward
-              r(y1) + r(y2) + alpha * (r(y2) - r(y1)) on both attempts, KL rl.beta  -> M2 ...
+    Stage I:  on-policy two-turn RL from M0; turn 2 rewarded r(y2), turn 1 nothing; KL to M0
+              strong on attempt 1 (beta_stage1, holding it at the base), rl.beta on attempt 2 -> M1
+    Stage II: on-policy two-turn RL from M1 (stage2_iterations times); each turn its own reward:
+              turn 1 r(y1), turn 2 r(y2) + alpha * (r(y2) - r(y1)); KL rl.beta           -> M2 ...
 each model: two greedy attempts on the held-out sets -> Acc@t1, Acc@t2, Δ, Δ^{i→c}, Δ^{c→i}
 """
 
@@ -47,34 +48,37 @@ def score(cfg: DictConfig, run: Run) -> None:
     seeds, base, _ = warm_start(cfg, run, dataset, two_turn_fraction=m.two_turn_fraction)
 
     if m.variant in ("star_sft", "pair_sft"):  # SFT on self-generated correction traces
-        it = next(run.iterations(1))
-        seed = cfg.seed * 1000 + it.index
-        prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
-        episodes = it.stage(
-            "traces",
-            sample_episodes,
-            model=base,
-            prompts=prompts,
-            dataset=dataset,
-            sampling=m.traces,
-            generator=cfg.generator,
-            hardware=hw,
-            seed=seed,
-        )
-        data = it.stage(
-            "build",
-            correction_data,
-            episodes=episodes,
-            dataset=dataset,
-            kind=m.variant,
-            max_per_prompt=m.max_per_prompt,
-            replay=seeds,
-            seed=seed,
-        )
-        model = it.stage("train", sft, model=base, data=data, train=m.sft, hardware=hw, seed=seed)
-        run.record(
-            it.index, held_out_eval(it, "eval", cfg, model, dataset, seed, two_turn=True), episodes, data
-        )
+        # STaR: star_iterations rounds, traces from the latest model, SFT from M0 (Singh et al. 2024's
+        # protocol, as SCoRe Sec. 4 runs it); Pair-SFT: one round (Welleck et al. 2023)
+        model = base
+        for it in run.iterations(m.star_iterations if m.variant == "star_sft" else 1):
+            seed = cfg.seed * 1000 + it.index
+            prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
+            episodes = it.stage(
+                "traces",
+                sample_episodes,
+                model=model,
+                prompts=prompts,
+                dataset=dataset,
+                sampling=m.traces,
+                generator=cfg.generator,
+                hardware=hw,
+                seed=seed,
+            )
+            data = it.stage(
+                "build",
+                correction_data,
+                episodes=episodes,
+                dataset=dataset,
+                kind=m.variant,
+                max_per_prompt=m.max_per_prompt,
+                replay=seeds,
+                seed=seed,
+            )
+            model = it.stage("train", sft, model=base, data=data, train=m.sft, hardware=hw, seed=seed)
+            run.record(
+                it.index, held_out_eval(it, "eval", cfg, model, dataset, seed, two_turn=True), episodes, data
+            )
 
     if m.variant == "score":  # Stage I once, then Stage II
         model = base
@@ -90,8 +94,9 @@ def score(cfg: DictConfig, run: Run) -> None:
                 dataset=dataset,
                 phase=phase,
                 alpha=m.alpha,
+                beta_first=m.beta_stage1 if phase == 1 else m.rl.beta,
                 train=m.train,
-                rl={**m.rl, "beta": m.beta_stage1 if phase == 1 else m.rl.beta},
+                rl=m.rl,
                 hardware=hw,
                 seed=seed,
             )
