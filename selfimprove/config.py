@@ -373,6 +373,7 @@ class SelfRewarding:
     judge: JudgeSettings = MISSING
     judge_examples_fraction: float = MISSING
     anchored_rejection: bool = MISSING
+    future_guided_chosen: bool = MISSING
     warmstart: Train = MISSING
     train: DpoTrain = MISSING
 

@@ -71,26 +71,39 @@ def spin_pairs(out: Path, samples: Artifact, dataset: dict, previous: Artifact |
     return metrics
 
 
-def best_vs_worst(judged: list[dict], anchors: list[dict] | None = None) -> tuple[list[dict], int]:
+def best_vs_worst(
+    judged: list[dict], anchors: list[dict] | None = None, future: list[dict] | None = None
+) -> tuple[list[dict], int]:
     """Self-Rewarding's pairs: per prompt, the response with the highest judge score is chosen and
     the one with the lowest rejected; a tie (equal scores) gives no pair. Responses the judge could
-    not score (``judge`` None) take no part. With ``anchors`` (Temporal Self-Rewarding's anchored
-    rejection) the rejected one is the lowest-scored of the anchor model's responses to the prompt.
-    The first response wins among equal scores. Returns (pairs, ties dropped)."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in judged:
-        if r["judge"] is not None:
-            groups[r["id"]].append(r)
-    rejects: dict[str, list[dict]] = defaultdict(list)
-    for r in anchors if anchors is not None else judged:
-        if r["judge"] is not None:
-            rejects[r["id"]].append(r)
+    not score (``judge`` None) take no part; the first response wins among equal scores.
+
+    Temporal Self-Rewarding's two phases, each an option: with ``anchors`` (anchored rejection) the
+    anchor model's lowest-scored response is rejected when it scores *below* the current model's
+    worst, else the current worst stays; with ``future`` (future-guided chosen) the future model's
+    highest-scored response is chosen when it scores *above* the current model's best. Each pair's
+    meta says where its two responses came from. Returns (pairs, ties dropped)."""
+
+    def by_id(records: list[dict] | None) -> dict[str, list[dict]]:
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for r in records or []:
+            if r["judge"] is not None:
+                groups[r["id"]].append(r)
+        return groups
+
+    groups, anchor_groups, future_groups = by_id(judged), by_id(anchors), by_id(future)
     pairs, ties = [], 0
     for rid, group in groups.items():
-        if not rejects[rid]:
-            continue
-        best = max(group, key=lambda r: r["judge"])
-        worst = min(rejects[rid], key=lambda r: r["judge"])
+        best, chosen_from = max(group, key=lambda r: r["judge"]), "current"
+        worst, rejected_from = min(group, key=lambda r: r["judge"]), "current"
+        if future_groups[rid]:
+            candidate = max(future_groups[rid], key=lambda r: r["judge"])
+            if candidate["judge"] > best["judge"]:
+                best, chosen_from = candidate, "future"
+        if anchor_groups[rid]:
+            candidate = min(anchor_groups[rid], key=lambda r: r["judge"])
+            if candidate["judge"] < worst["judge"]:
+                worst, rejected_from = candidate, "anchor"
         if best["judge"] <= worst["judge"]:
             ties += 1
             continue
@@ -105,6 +118,8 @@ def best_vs_worst(judged: list[dict], anchors: list[dict] | None = None) -> tupl
                     "rejected_judge": worst["judge"],
                     "chosen_reward": best["reward"],
                     "rejected_reward": worst["reward"],
+                    "chosen_from": chosen_from,
+                    "rejected_from": rejected_from,
                 },
             }
         )
@@ -120,17 +135,23 @@ def pair_metrics(pairs: list[dict], ties: int) -> dict:
         "pairs/accuracy": fraction([x["chosen_reward"] == 1.0 and x["rejected_reward"] == 0.0 for x in m]),
         "pairs/chosen_correct": fraction([x["chosen_reward"] == 1.0 for x in m]),
         "pairs/rejected_correct": fraction([x["rejected_reward"] == 1.0 for x in m]),
+        "pairs/rejected_from_anchor": fraction([x["rejected_from"] == "anchor" for x in m]),
+        "pairs/chosen_from_future": fraction([x["chosen_from"] == "future" for x in m]),
     }
 
 
-@stage(version=1)
-def judged_pairs(out: Path, judged: Artifact, anchor: Artifact | None, dataset: dict) -> dict:
-    """Stage: best-vs-worst pairs from judged responses (``anchor``: rejected from the anchor
-    model's judged responses), completions cut after the answer; writes pairs.jsonl, metrics.json."""
+@stage(version=2)
+def judged_pairs(
+    out: Path, judged: Artifact, anchor: Artifact | None, dataset: dict, future: Artifact | None = None
+) -> dict:
+    """Stage: best-vs-worst pairs from judged responses (``anchor``, ``future``: the anchor's and
+    the future model's judged responses, Temporal Self-Rewarding), completions cut after the answer;
+    writes pairs.jsonl, metrics.json. Version 2: the anchor's worst replaces the current worst only
+    when it scores lower (version 1 always took it)."""
     task = tasks.load(dataset)
     clean = lambda rs: [{**r, "completion": task.clean(r["completion"])} for r in rs]  # noqa: E731
-    anchors = clean(read_jsonl(anchor.file("judged.jsonl"))) if anchor is not None else None
-    pairs, ties = best_vs_worst(clean(read_jsonl(judged.file("judged.jsonl"))), anchors)
+    other = lambda a: clean(read_jsonl(a.file("judged.jsonl"))) if a is not None else None  # noqa: E731
+    pairs, ties = best_vs_worst(clean(read_jsonl(judged.file("judged.jsonl"))), other(anchor), other(future))
     write_jsonl(out / "pairs.jsonl", pairs)
     metrics = pair_metrics(pairs, ties)
     write_json_atomic(out / "metrics.json", metrics)

@@ -8,6 +8,7 @@ trainer would cost more than the training."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -20,7 +21,36 @@ from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic,
 from selfimprove.registry import ConfigError
 from selfimprove.scoring import score_records
 
-MEASURES = ("agreement", "self_certainty")
+# relative_softmax: the paper's (margin of the two likeliest candidate answers); agreement,
+# self_certainty: alternatives
+MEASURES = ("relative_softmax", "agreement", "self_certainty")
+
+
+def relative_softmax_margin(log_likelihoods: list[float]) -> float:
+    """TT-SI's confidence (Acikgoz et al. 2025, Self-Awareness): the candidates' log-likelihoods
+    l_n -> p = softmax(l) (computed as exp(l_n - max l)); the margin p(1) - p(2) between the two
+    likeliest. One candidate: 1.0 (nothing to doubt)."""
+    top = max(log_likelihoods)
+    weights = sorted((math.exp(x - top) for x in log_likelihoods), reverse=True)
+    return (weights[0] - (weights[1] if len(weights) > 1 else 0.0)) / sum(weights)
+
+
+def candidate_margins(
+    task, model: Artifact, greedy: list[dict], drawn: list[dict], hardware: dict
+) -> list[float]:
+    """Per test item, the relative softmax margin over its candidate answers: the distinct final
+    answers of the greedy completion and the sampled ones (an unparseable answer is a candidate
+    too), each answer scored by the log-likelihood of its likeliest completion."""
+    from selfimprove.scoring.certainty import certainties, log_likelihood
+
+    records = [*greedy, *drawn]
+    scores = certainties(model, records, hardware, of=log_likelihood)
+    best: dict[str, dict] = defaultdict(dict)
+    for r, score in zip(records, scores):
+        answer = task.extract(r["completion"])
+        if score is not None and score > best[r["id"]].get(answer, -math.inf):
+            best[r["id"]][answer] = score
+    return [relative_softmax_margin(list(best[r["id"]].values())) if best[r["id"]] else 0.0 for r in greedy]
 
 
 def greedy_records(evaluated: Artifact) -> list[dict]:
@@ -39,15 +69,16 @@ def uncertainty(
     hardware: dict,
     seed: int,
 ) -> dict:
-    """Stage: a confidence per test item -- agreement of ``samples`` answers with their majority,
-    or the self-certainty of the greedy answer; items below ``threshold`` are uncertain."""
+    """Stage: a confidence per test item -- the relative softmax margin of its candidate answers
+    (the greedy one and ``samples`` sampled ones), the agreement of ``samples`` answers with their
+    majority, or the self-certainty of the greedy answer; items below ``threshold`` are uncertain."""
     if uncertain["measure"] not in MEASURES:
         raise ConfigError(
             f"method.uncertainty.measure='{uncertain['measure']}' is not allowed; use {' or '.join(MEASURES)}"
         )
     task = tasks.load(dataset)
     greedy = greedy_records(evaluated)
-    if uncertain["measure"] == "agreement":
+    if uncertain["measure"] in ("relative_softmax", "agreement"):
         sampling = {
             "n": uncertain["samples"],
             "temperature": uncertain["temperature"],
@@ -55,8 +86,12 @@ def uncertainty(
             "stop": [],
         }
         sampling["max_tokens"] = max(task.max_new_tokens(r) for r in greedy)
+        drawn = sample(model, greedy, sampling, generator, hardware, seed)
+    if uncertain["measure"] == "relative_softmax":
+        confidence = candidate_margins(task, model, greedy, drawn, hardware)
+    elif uncertain["measure"] == "agreement":
         answers = defaultdict(list)
-        for r in sample(model, greedy, sampling, generator, hardware, seed):
+        for r in drawn:
             answers[r["id"]].append(task.extract(r["completion"]))
         confidence = []
         for r in greedy:

@@ -1,6 +1,6 @@
 """LLM-as-a-judge and preference pairs by hand: every judge's template and parser (an unparseable
 judgement is skipped, never 0), the judge's agreement with the verifier, Self-Rewarding's
-best-vs-worst pairs (ties dropped, anchored rejection) and SPIN's pairs, with exact values."""
+best-vs-worst pairs (ties dropped, Temporal Self-Rewarding's anchored rejection and future-guided chosen) and SPIN's pairs, with exact values."""
 
 from __future__ import annotations
 
@@ -96,26 +96,66 @@ def test_best_vs_worst_drops_ties():
         "pairs/accuracy": 0.5,
         "pairs/chosen_correct": 0.5,
         "pairs/rejected_correct": 0.5,
+        "pairs/rejected_from_anchor": 0.0,
+        "pairs/chosen_from_future": 0.0,
     }
 
 
-def test_anchored_rejection_takes_the_worst_anchor_response():
+def test_anchored_rejection_takes_the_anchor_worst_only_when_it_scores_lower():
     anchors = [
         response("a", "A1", 1.0, 1.0),
-        response("a", "A2", 0.0, 0.0),
-        response("b", "B1", 0.0, 0.0),
-        response("c", "C1", 1.0, 0.0),  # c's best (0.0) is not above it: no pair
-        response("d", "D1", None, 0.0),  # no parseable anchor: no pair
+        response("a", "A2", 0.0, 0.0),  # ties with a's own worst (a2): a2 stays
+        response("b", "B1", 0.0, 0.0),  # below b's own worst (1.0): rejected, which breaks b's tie
+        response("c", "C1", 1.0, 0.0),  # above c's own worst: c2 stays, and c stays a tie
+        response("d", "D1", None, 0.0),  # no parseable anchor: d's own worst
     ]
     pairs, ties = best_vs_worst(JUDGED, anchors)
-    assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [("a", "a1", "A2"), ("b", "b1", "B1")]
+    assert [(p["id"], p["chosen"], p["rejected"], p["meta"]["rejected_from"]) for p in pairs] == [
+        ("a", "a1", "a2", "current"),
+        ("b", "b1", "B1", "anchor"),
+        ("d", "d2", "d1", "current"),
+    ]
     assert ties == 1
-    assert pairs[0]["meta"] == {
+    assert pairs[1]["meta"] == {
         "chosen_judge": 1.0,
         "rejected_judge": 0.0,
         "chosen_reward": 1.0,
         "rejected_reward": 0.0,
+        "chosen_from": "current",
+        "rejected_from": "anchor",
     }
+    assert pair_metrics(pairs, ties)["pairs/rejected_from_anchor"] == 0.3333
+
+
+def test_future_guided_chosen_takes_the_future_best_only_when_it_scores_higher():
+    judged = [
+        response("a", "a1", 3.0, 1.0),
+        response("a", "a2", 1.0, 0.0),
+        response("b", "b1", 3.0, 1.0),
+        response("b", "b2", 2.0, 0.0),
+        response("c", "c1", 2.0, 0.0),
+        response("c", "c2", 2.0, 0.0),  # a tie on its own
+    ]
+    future = [
+        response("a", "F1", 5.0, 1.0),  # above a's best: chosen
+        response("a", "F2", 0.0, 0.0),  # a future response is never rejected
+        response("b", "G1", 3.0, 0.0),  # ties with b's best: b1 stays
+        response("c", "H1", 4.0, 1.0),  # breaks c's tie
+    ]
+    anchors = [response("a", "A1", 0.0, 0.0)]  # both phases: a's pair spans past and future
+    pairs, ties = best_vs_worst(judged, anchors, future)
+    assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ("a", "F1", "A1"),
+        ("b", "b1", "b2"),
+        ("c", "H1", "c1"),
+    ]
+    assert [(p["meta"]["chosen_from"], p["meta"]["rejected_from"]) for p in pairs] == [
+        ("future", "anchor"),
+        ("current", "current"),
+        ("future", "current"),
+    ]
+    assert ties == 0
+    assert pair_metrics(pairs, ties)["pairs/chosen_from_future"] == 0.6667
 
 
 def test_spin_pairs_gold_vs_own(tmp_path):

@@ -12,12 +12,14 @@ REFERENCE = re.compile(r"`((?:selfimprove/)?[\w/]+\.py):([\w.]+)`")
 
 
 def defines(source: str, name: str) -> bool:
-    """A def, class or module-level assignment of the last part of ``name`` (Run.iterations:
+    """A def, class or assignment (module or class level) of the last part of ``name`` (Run.iterations:
     iterations), or a line number (``score.py:104``) that the file has."""
     if name.isdigit():
         return int(name) <= source.count("\n") + 1
     last = re.escape(name.split(".")[-1])
-    return re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{last}\b|^{last}\s*[:=]", source, re.M) is not None
+    return (
+        re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{last}\b|^\s*{last}\s*[:=]", source, re.M) is not None
+    )
 
 
 def test_every_code_reference_in_the_method_docs_exists():

@@ -1,9 +1,11 @@
 """Self-Refine end to end on a very small config (both feedback sources, one shared warm start):
 round 1 drafts, later rounds refine exactly the episodes the feedback calls wrong, stop reasons and
-tokens per round are recorded, oracle feedback never lowers accuracy; a bad feedback name is a
+tokens per round are recorded, the oracle upper bound never lowers accuracy; a bad feedback name is a
 one-line error."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +32,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("self_refine")
     return {
         fb: (run(compose_cfg([*SMALL, f"method.feedback={fb}", f"run_dir={root / fb}"])), root / fb)
-        for fb in ("oracle", "self")
+        for fb in ("oracle_upper_bound", "self")
     }
 
 
@@ -51,7 +53,7 @@ def test_rounds_refine_what_the_feedback_calls_wrong(runs):
                     after["turns"][1]["prompt"]
                     == f"{after['prompt']}{before['turns'][0]['completion']}\nwrong:"
                 )
-            if feedback == "oracle":  # the verifier refines exactly the wrong drafts
+            if feedback == "oracle_upper_bound":  # the verifier refines exactly the wrong drafts
                 assert refined == (before["turns"][0]["reward"] != 1.0)
         assert rows[2]["refined"] == sum(len(e["turns"]) == 2 for e in second)
         if feedback == "self":
@@ -68,5 +70,16 @@ def test_warm_start_is_shared_between_feedback_sources(runs):
 
 
 def test_unknown_feedback_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="method.feedback='judge' is not allowed; use one of oracle, self"):
+    with pytest.raises(
+        ConfigError, match="method.feedback='judge' is not allowed; use one of self, oracle_upper_bound"
+    ):
         run(compose_cfg([*SMALL, "method.feedback=judge", f"run_dir={tmp_path}"]))
+
+
+def test_the_default_feedback_is_the_models_own():
+    """The paper's; the verifier that reads the test answer is an opt-in upper bound."""
+    from omegaconf import OmegaConf
+
+    assert compose_cfg(["method=self_refine"]).method.feedback == "self"
+    table = OmegaConf.load(Path(__file__).parent.parent / "conf" / "experiment" / "self_refine_table.yaml")
+    assert table.hydra.sweeper.params["method.feedback"] == "self,oracle_upper_bound"

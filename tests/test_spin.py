@@ -27,7 +27,16 @@ SMALL = [
     "model.intermediate_size=128",
 ]
 SPIN = ["method=spin", "method.prompts_per_iteration=24", *SMALL]
-SELF_REWARDING = ["method=self_rewarding", "method.anchored_rejection=true", "method.sampling.n=3", *SMALL]
+SELF_REWARDING = [
+    "method=self_rewarding",
+    "method.anchored_rejection=true",
+    "method.future_guided_chosen=true",
+    "method.sampling.n=3",
+    # three sampled judgements averaged (the paper's): scores between 0 and 1, so fewer ties
+    "method.judge.samples=3",
+    "method.judge.temperature=1.0",
+    *SMALL,
+]
 
 
 def test_spin_end_to_end(tmp_path):
@@ -77,6 +86,24 @@ def test_self_rewarding_end_to_end(tmp_path):
     anchor_texts = {r["completion"] for r in anchor}
     assert all(p["rejected"] in anchor_texts or p["rejected"].startswith(tuple(anchor_texts)) for p in pairs)
     assert all(p["meta"]["chosen_judge"] > p["meta"]["rejected_judge"] for p in pairs)
+    # phase 2: a temporary model trained on those pairs proposes chosen responses, judged by M_1; its
+    # best is chosen where it beats M_1's own best, and the iterate is trained on the rebuilt pairs
+    best = {}
+    for name in ("judge", "future_judge"):
+        for r in read_jsonl(tmp_path / "iter_01" / name / "judged.jsonl"):
+            if r["judge"] is not None:
+                best[name, r["id"]] = max(best.get((name, r["id"]), -1.0), r["judge"])
+    rebuilt = read_jsonl(tmp_path / "iter_01" / "future_pairs" / "pairs.jsonl")
+    assert rebuilt, "this config yields pairs (else the checks below would be empty)"
+    for pair in rebuilt:
+        own, future = best["judge", pair["id"]], best.get(("future_judge", pair["id"]), -1.0)
+        if pair["meta"]["chosen_from"] == "future":
+            assert pair["meta"]["chosen_judge"] == future > own, pair
+        else:
+            assert pair["meta"]["chosen_judge"] == own >= future, pair
+    from_future = sum(p["meta"]["chosen_from"] == "future" for p in rebuilt)
+    assert rows[1]["pairs/count"] == len(rebuilt), "the iterate's pairs are the rebuilt ones"
+    assert rows[1]["pairs/chosen_from_future"] == round(from_future / len(rebuilt), 4)
 
 
 def test_killed_mid_iteration_resumes_without_recomputing(tmp_path):

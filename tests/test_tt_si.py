@@ -1,16 +1,18 @@
-"""Test-time self-improvement: the LoRA adapter really trains and really resets; the method end to
-end (TT-SI), and TT-D recomputes only the synthesis with the teacher."""
+"""Test-time self-improvement: the paper's relative softmax margin by hand and over a real model's
+candidate answers; the LoRA adapter really trains and really resets; the method end to end (TT-SI),
+and TT-D recomputes only the synthesis with the teacher."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from selfimprove.app import run
 from selfimprove.models import build_tiny
 from selfimprove.pipeline import DONE, read_jsonl
-from selfimprove.testtime import fine_tune, lora_model
+from selfimprove.testtime import candidate_margins, fine_tune, lora_model, relative_softmax_margin
 from tests.conftest import compose_cfg
 
 pytestmark = pytest.mark.slow
@@ -28,6 +30,54 @@ TINY_TT = [
     "method.adapt.steps=2",
     "method.adapt.items_per_adapter=3",
 ]
+
+
+def test_relative_softmax_margin_by_hand():
+    assert relative_softmax_margin([0.0, -math.log(3)]) == pytest.approx(0.5)  # p = 0.75, 0.25
+    assert relative_softmax_margin([-5.0, -5.0, -9.0]) == pytest.approx(0.0)  # two equally likely
+    # p ∝ e^-1, 1, 1/2, ~0: the margin is (1 - 1/2) over the sum
+    margin = relative_softmax_margin([-2.0, -1.0, -1.0 - math.log(2), -50.0])
+    assert margin == pytest.approx(0.5 / (1.5 + math.exp(-1)), rel=1e-9)
+    assert relative_softmax_margin([-40.0]) == 1.0  # one candidate: nothing to doubt
+
+
+def test_candidate_margins_score_each_distinct_answer_by_its_likeliest_completion(tmp_path):
+    import torch
+
+    from selfimprove import tasks
+    from selfimprove.models import load_model
+
+    build_tiny(dict(compose_cfg(["model.intermediate_size=128"]).model), tmp_path, seed=0)
+    task = tasks.load(tasks.spec(compose_cfg([]).dataset))
+    hardware = {"device": "cpu", "dtype": "float32"}
+    lm, tok = load_model(tmp_path, hardware)
+
+    def loglik(prompt: str, completion: str) -> float:
+        ids = tok(prompt + completion, add_special_tokens=False)["input_ids"]
+        n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            logp = torch.log_softmax(lm(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+        return float(sum(logp[t, ids[t + 1]] for t in range(n - 1, len(ids) - 1)))
+
+    prompt = "12+30:"
+    right, wrong, other_right = "2+0+0=02|2;ans 42", "2+0+0=02|2;ans 52", "2+0+0=02|4;ans 42"
+    greedy = [
+        {"id": "a", "prompt": prompt, "completion": right},
+        {"id": "b", "prompt": prompt, "completion": right},
+    ]
+    drawn = [
+        {"id": "a", "prompt": prompt, "completion": wrong},
+        {
+            "id": "a",
+            "prompt": prompt,
+            "completion": other_right,
+        },  # answer 42 again: its likelier completion counts
+        {"id": "b", "prompt": prompt, "completion": other_right},  # one answer only
+    ]
+    margins = candidate_margins(task, tmp_path, greedy, drawn, hardware)
+    forty_two = max(loglik(prompt, right), loglik(prompt, other_right))
+    assert margins[0] == pytest.approx(relative_softmax_margin([forty_two, loglik(prompt, wrong)]), rel=1e-4)
+    assert 0.0 < margins[0] < 1.0 and margins[1] == 1.0
 
 
 def test_lora_adapter_trains_then_resets(tmp_path):

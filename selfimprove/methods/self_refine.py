@@ -1,11 +1,13 @@
-"""Self-Refine (Madaan et al., 2023), inference only, with MAgICoRe's option of an external
-verifier's feedback (Chen et al., 2024). docs/methods/self_refine.md maps the papers to this.
+"""Self-Refine (Madaan et al., 2023), inference only. The paper's feedback is the model's own
+(``feedback=self``, the default); ``feedback=oracle_upper_bound`` lets the task's verifier, which
+reads the test answer, decide what to refine and when to stop: an upper bound on feedback, not
+Self-Refine. docs/methods/self_refine.md maps the paper to this.
 
 M <- warm start: SFT on the seed rationales + a few two-turn examples (fix / keep / refine / critique)
 round 1: y_1 <- M(x)                                    the draft
 for r = 2..max_rounds, for each problem still open:
     fb_r <- feedback on y_{r-1}: M's own critique of it ("ok" | "wrong"),
-            or the task's verifier ("oracle")
+            or the task's verifier (oracle_upper_bound: reads the test answer)
     stop if fb_r says it is right (or the critique cannot be parsed)
     y_r <- M(x, y_{r-1}, fb_r)                          the refinement
     stop if the answer of y_r equals that of y_{r-1}
@@ -27,7 +29,8 @@ from selfimprove.pipeline import Artifact, Run, read_jsonl, stage, write_json_at
 from selfimprove.registry import ConfigError
 from selfimprove.tasks import Need
 
-FEEDBACK = ("oracle", "self")
+# self: the paper's; oracle_upper_bound: the test answer decides (never refines a right answer)
+FEEDBACK = ("self", "oracle_upper_bound")
 
 
 def needs(cfg: DictConfig) -> list[Need]:
@@ -141,7 +144,7 @@ def refine_round(
     task = tasks.load(dataset)
     episodes = read_jsonl(previous.file("episodes.jsonl"))
     open_ = [e for e in episodes if e["stopped"] is None]
-    if feedback == "oracle":  # the task's verifier: free, and never wrong
+    if feedback == "oracle_upper_bound":  # the task's verifier reads the test answer: never wrong
         verdicts = [(task.feedback_ok if correct(e["turns"][-1]) else task.feedback_wrong, 0) for e in open_]
     else:
         verdicts = critique(task, model, open_, critique_tokens, generator, hardware, seed)

@@ -1,5 +1,5 @@
-"""Self-Rewarding Language Models (Yuan et al., 2024), with Temporal Self-Rewarding's anchored
-rejection (Wang et al., 2025) as an option. docs/methods/self_rewarding.md maps the papers to this.
+"""Self-Rewarding Language Models (Yuan et al., 2024), with Temporal Self-Rewarding's two phases
+(Wang et al., 2025) as options. docs/methods/self_rewarding.md maps the papers to this.
 
 M_1 <- warm start: SFT on IFT data (seed demonstrations) + EFT data (judge examples scored by the verifier)
 for t = 1..T:
@@ -7,7 +7,10 @@ for t = 1..T:
     y_i^1..N     <- sample N responses from M_t
     r_i^n        <- M_t judges each response with the judge prompt (mean of parseable judgements)
     D_t          <- {(x_i, best y_i, worst y_i)}; ties dropped
-                    [anchored rejection: worst of M_1's responses to x_i, judged by M_t]
+                    [anchored rejection: M_1's worst response to x_i, judged by M_t, when it
+                     scores below M_t's worst]
+                    [future-guided chosen: M_f <- DPO(M_t, D_t); M_f's best response to x_i,
+                     judged by M_t, when it scores above the chosen one; D_t rebuilt]
     M_t+1        <- DPO(init M_t, reference M_t, D_t)
     evaluate M_t+1 on held-out sets; log the judge's agreement with the verifier
 """
@@ -84,9 +87,24 @@ def self_rewarding(cfg: DictConfig, run: Run) -> None:
         prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
         scored, judged = respond_and_judge(it, "", model, model, prompts, seed)
         anchor = None
-        if m.anchored_rejection:  # rejected responses come from the initial model, judged by M_t
+        if m.anchored_rejection:  # rejected responses may come from the initial model, judged by M_t
             anchor = respond_and_judge(it, "anchor_", initial, model, prompts, seed)[1]
         pairs = it.stage("pairs", judged_pairs, judged=judged, anchor=anchor, dataset=dataset)
+        if m.future_guided_chosen:  # a temporary next model proposes chosen responses, judged by M_t
+            temporary = it.stage(
+                "future_train",
+                dpo,
+                model=model,
+                pairs=pairs,
+                train=m.train,
+                hardware=hw,
+                seed=seed,
+                reference=model,
+            )
+            future = respond_and_judge(it, "future_", temporary, model, prompts, seed)[1]
+            pairs = it.stage(
+                "future_pairs", judged_pairs, judged=judged, anchor=anchor, future=future, dataset=dataset
+            )
         model = it.stage(
             "train", dpo, model=model, pairs=pairs, train=m.train, hardware=hw, seed=seed, reference=model
         )

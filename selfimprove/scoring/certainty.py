@@ -1,5 +1,6 @@
 """Self-certainty (Kang et al. 2025) of sampled completions: one forward pass of the generating
-model over prompt + completion; the score is the mean over completion tokens of KL(uniform || p)."""
+model over prompt + completion; the score is the mean over completion tokens of KL(uniform || p).
+The same pass gives a completion's log-likelihood (TT-SI's relative softmax score)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,29 @@ from selfimprove.models import load_model, model_meta, prompt_texts
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_jsonl
 
 
+def log_likelihood(logits, ids: list[int]) -> float:
+    """log P(completion | prompt): the sum over the completion's tokens of their log-probability,
+    ``logits`` [T, V] being the distributions that predicted the T tokens ``ids``."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return float(logp.gather(-1, torch.tensor(ids, device=logp.device)[:, None]).sum())
+
+
 def certainties(
     model: Artifact | Path,
     records: list[dict],
     hardware: dict,
     batch_size: int = 64,
     advance: Callable[[int], None] = lambda n: None,
+    of: Callable | None = None,
 ) -> list:
-    """Self-certainty of each record's completion under ``model`` (None for an empty completion);
-    ``advance`` hears of each batch's records."""
+    """Self-certainty of each record's completion under ``model`` (None for an empty completion),
+    or ``of(logits, token_ids)`` of it (e.g. ``log_likelihood``); ``advance`` hears of each batch's
+    records."""
     import torch
 
+    of = of or (lambda logits, ids: self_certainty(logits))
     lm, tokenizer = load_model(model, hardware)
     advance(0)  # the bar shows from here (after the model loads)
     # the context the completions were generated in (chat template, BOS) as the generators build it
@@ -45,7 +58,7 @@ def certainties(
             logits = lm(input_ids=ids.to(lm.device), attention_mask=attn.to(lm.device)).logits
             for i, (p, c) in enumerate(zip(prompts, comps)):
                 # logits at position t predict token t+1: the completion is predicted by p-1 .. p+c-2
-                out.append(self_certainty(logits[i, len(p) - 1 : len(p) + len(c) - 1]) if c else None)
+                out.append(of(logits[i, len(p) - 1 : len(p) + len(c) - 1], c) if c else None)
             advance(len(batch))
     return out
 

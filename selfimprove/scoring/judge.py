@@ -59,14 +59,34 @@ class Judge:
 JUDGES = {
     # short enough for the tiny character-level model, which learns it from the warm start's EFT data
     "verdict": Judge(template="{prompt}{response}\njudge:", verdict=" {score}", max_score=1),
-    # the paper's additive 5-point rubric (its Figure 2), condensed; for instruct models
+    # the paper's additive 5-point rubric, word for word (Yuan et al. 2024, Figure 2; PDF line breaks
+    # joined), for instruct models
     "additive_5": Judge(
         template=(
-            "Review the user's question and the response below. Award 1 point if the response is "
-            "relevant, a 2nd if it addresses a substantial part of the question, a 3rd if it answers "
-            "the basic elements usefully, a 4th if it is clearly written and complete, and a 5th if it "
-            "is impeccable: correct, expert and concise.\n\nUser: {prompt}\n<response>{response}</response>\n\n"
-            'After examining the response, briefly justify your total score, then conclude with "Score: <points>".'
+            "Review the user’s question and the corresponding response using the additive 5-point "
+            "scoring system described below. Points are accumulated based on the satisfaction of each "
+            "criterion:\n"
+            "- Add 1 point if the response is relevant and provides some information related to the "
+            "user’s inquiry, even if it is incomplete or contains some irrelevant content.\n"
+            "- Add another point if the response addresses a substantial portion of the user’s question, "
+            "but does not completely resolve the query or provide a direct answer.\n"
+            "- Award a third point if the response answers the basic elements of the user’s question in a "
+            "useful way, regardless of whether it seems to have been written by an AI Assistant or if it "
+            "has elements typically found in blogs or search results.\n"
+            "- Grant a fourth point if the response is clearly written from an AI Assistant’s perspective, "
+            "addressing the user’s question directly and comprehensively, and is well-organized and "
+            "helpful, even if there is slight room for improvement in clarity, conciseness or focus.\n"
+            "- Bestow a fifth point for a response that is impeccably tailored to the user’s question "
+            "by an AI Assistant, without extraneous information, reflecting expert knowledge, and "
+            "demonstrating a high-quality, engaging, and insightful answer.\n"
+            "User: {prompt}\n"
+            "<response>{response}</response>\n"
+            "After examining the user’s instruction and the response:\n"
+            "- Briefly justify your total score, up to 100 words.\n"
+            "- Conclude with the score using the format: “Score: <total points>”\n"
+            "Remember to assess from the AI Assistant perspective, utilizing web search knowledge as "
+            "necessary. To evaluate the response in alignment with this additive scoring model, we’ll "
+            "systematically attribute points based on the outlined criteria."
         ),
         verdict="Score: {score}",
         max_score=5,
