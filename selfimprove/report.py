@@ -168,7 +168,9 @@ def columns_of(layout: dict, runs: list[RunResult], metrics: list[str] | None, i
         it = resolve_iteration(spec["iteration"], first, last)
         minus = spec.get("minus")
         minus = None if minus is None else resolve_iteration(minus, first, last)
-        title = spec.get("title") or (
+        # "{iteration}" in a title is the column's iteration, so that "iter {iteration}" names the
+        # last iteration of the runs at hand, not of the runs the layout was written for
+        title = (spec.get("title") or "").replace("{iteration}", str(it)) or (
             f"{spec['metric']} @{it}" if minus is None else f"Δ {spec['metric']} @{minus}→{it}"
         )
         # a column's own format, else the table's (a composed config holds null for "not set")
@@ -189,7 +191,7 @@ def columns_of(layout: dict, runs: list[RunResult], metrics: list[str] | None, i
                 scale,
                 decimals,
                 better,
-                spec.get("latex"),
+                spec["latex"].replace("{iteration}", str(it)) if spec.get("latex") else None,
             )
         )
     return cols

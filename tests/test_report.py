@@ -82,6 +82,18 @@ def test_cli_grid_overrides_the_layout(sweep, tmp_path):
     assert [p.name for p in plots] == ["acc_4.png"]
 
 
+def test_a_title_names_the_iteration_of_the_runs_at_hand(sweep, tmp_path):
+    """A layout written for 4 iterations ("iter {iteration}") on runs that stopped at 2 says iter 2,
+    not the iteration the layout was written for."""
+    for run in ("a", "b", "c"):
+        config = sweep / run / "config.yaml"
+        cfg = yaml.safe_load(config.read_text())
+        cfg["report"]["columns"][1] |= {"title": "iter {iteration}", "latex": "$it_{iteration}$"}
+        config.write_text(yaml.safe_dump(cfg))
+    assert "| setting | seeds | start | iter 2 | gain | half |" in report(sweep, "md", tmp_path)[0]
+    assert "setting & seeds & start & $it_2$ & gain & half" in report(sweep, "latex", tmp_path)[0]
+
+
 def test_latex(sweep, tmp_path):
     text, _, _ = report(sweep, "latex", tmp_path)
     assert (
