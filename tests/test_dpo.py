@@ -34,7 +34,7 @@ TRAIN = {
 }
 
 
-@stage()
+@stage(name="make_pairs")
 def make_pairs(out, count: int) -> dict:
     """Gold 2-digit scratchpads chosen, the same problems with one slip rejected."""
     cfg = compose_cfg(

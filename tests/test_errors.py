@@ -75,7 +75,7 @@ def test_a_hub_dataset_without_network_is_one_line_naming_the_fixes(tmp_path):
     assert line.startswith("error: warmstart/data: ") and "dataset.*.path" in line, line
 
 
-@stage()
+@stage(name="allocate")
 def allocate(out, size: int) -> dict:
     (out / "half.bin").write_bytes(b"x" * size)
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)")
