@@ -15,16 +15,11 @@ from tests.conftest import compose_cfg, kill_when, selfimprove
 pytestmark = pytest.mark.slow
 
 SMALL = [
-    "method.iterations=2",
-    "method.warmstart.steps=30",
-    "method.train.steps=4",
-    "method.train.batch_size=8",
-    "method.sampling.max_tokens=24",
+    "debug=tiny",
     "dataset.seed_per_level=40",
     "dataset.train_per_iteration=12",
     "dataset.test_levels=[2]",
     "dataset.test_per_level=8",
-    "model.intermediate_size=128",
 ]
 SPIN = ["method=spin", "method.prompts_per_iteration=24", *SMALL]
 SELF_REWARDING = [
