@@ -76,7 +76,7 @@ def exploit_factor(groups: list[tuple[int, int]]) -> float | None:
     return fraction([nc / n for nc, n in groups if n])
 
 
-@stage(version=2)
+@stage(name="balance_search", version=2)
 def balance_search(
     out: Path,
     model: Artifact,
@@ -148,7 +148,7 @@ def settings_of(settings: Artifact) -> dict:
     return json.loads(settings.file("settings.json").read_text())
 
 
-@stage(version=1)
+@stage(name="generate_searched", version=1)
 def generate_searched(
     out: Path,
     model: Artifact,
@@ -178,7 +178,7 @@ def generate_searched(
     }
 
 
-@stage(version=2)
+@stage(name="select", version=2)
 def select(out: Path, scored: Artifact, settings: Artifact, dataset: dict, monitor_s: list[int]) -> dict:
     """Stage: the samples whose score 1(correct) + normalised self-certainty exceeds the searched
     threshold (Alg. 1 line 14), best score first within each prompt (so a per-prompt cap keeps the

@@ -10,7 +10,7 @@ from selfimprove import tasks
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_jsonl
 
 
-@stage(version=1)
+@stage(name="task_prompts", version=1)
 def task_prompts(out: Path, dataset: dict, iteration: int) -> dict:
     """Stage: the unlabelled train prompts of one iteration (answers only, no rationales)."""
     records = tasks.load(dataset).train_prompts(iteration)
@@ -18,7 +18,7 @@ def task_prompts(out: Path, dataset: dict, iteration: int) -> dict:
     return {"prompts": len(records)}
 
 
-@stage(version=1)
+@stage(name="seed_data", version=1)
 def seed_data(out: Path, dataset: dict, hint_fraction: float, seed: int) -> dict:
     """Stage: gold demonstrations for the warm start. With ``hint_fraction`` > 0 a copy of that
     fraction is written with the answer as a hint in the prompt, so that the model learns to use
@@ -35,7 +35,7 @@ def seed_data(out: Path, dataset: dict, hint_fraction: float, seed: int) -> dict
     return {"examples": len(records) + len(hinted), "hinted": len(hinted)}
 
 
-@stage(version=1)
+@stage(name="hint_prompts", version=1)
 def hint_prompts(out: Path, scored: Artifact, dataset: dict) -> dict:
     """Stage: prompts that got no correct sample, rewritten with the answer as a hint (STaR's
     rationalization). The original prompt is kept in ``meta`` so the hint can be dropped later."""
@@ -60,7 +60,7 @@ def hint_prompts(out: Path, scored: Artifact, dataset: dict) -> dict:
     return {"prompts": len(records)}
 
 
-@stage(version=2)  # 2: the per-prompt cap counts by prompt text, not by record id
+@stage(name="keep_correct", version=2)  # 2: the per-prompt cap counts by prompt text, not by record id
 def keep_correct(
     out: Path,
     scored: list[Artifact],

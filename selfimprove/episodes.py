@@ -103,7 +103,7 @@ def by_level(episodes: list[dict]) -> dict[str, list[dict]]:
     return levels
 
 
-@stage(version=1)
+@stage(name="two_turn_eval", version=1)
 def two_turn_eval(
     out: Path, model: Artifact, dataset: dict, generator: dict, hardware: dict, seed: int
 ) -> dict:
@@ -129,7 +129,7 @@ def two_turn_eval(
     return {"episodes": len(episodes)}
 
 
-@stage(version=3)
+@stage(name="two_turn_seed_data", version=3)
 def two_turn_seed_data(out: Path, seeds: Artifact, dataset: dict, fraction: float, seed: int) -> dict:
     """Stage: the warm-start demonstrations plus two-turn examples built from a ``fraction`` of them
     and from every exemplar at a train level (``dataset.train_levels``: without those, a 3-digit
@@ -175,7 +175,7 @@ def two_turn_seed_data(out: Path, seeds: Artifact, dataset: dict, fraction: floa
     return {"examples": len(data), "two_turn": len(extra)}
 
 
-@stage(version=1)
+@stage(name="sample_episodes", version=1)
 def sample_episodes(
     out: Path,
     model: Artifact,
@@ -204,7 +204,7 @@ def sample_episodes(
 CORRECTION_DATA = ("star_sft", "pair_sft")
 
 
-@stage(version=1)
+@stage(name="correction_data", version=1)
 def correction_data(
     out: Path, episodes: Artifact, dataset: dict, kind: str, max_per_prompt: int, replay: Artifact, seed: int
 ) -> dict:

@@ -62,7 +62,9 @@ def sampled_metrics(
     return out, scored
 
 
-@stage(version=2)  # 2: an unscorable item counts as wrong (was: left out of acc's denominator)
+@stage(
+    name="evaluate", version=2
+)  # 2: an unscorable item counts as wrong (was: left out of acc's denominator)
 def evaluate(
     out: Path,
     model: Artifact,

@@ -181,7 +181,7 @@ MODEL_SOURCES = Registry(
 )
 
 
-@stage(version=1)
+@stage(name="init_model", version=1)
 def init_model(out: Path, model: dict, seed: int) -> dict:
     """Stage: the starting model of a run."""
     return MODEL_SOURCES.get(model["source"])(model, out, seed)

@@ -11,7 +11,7 @@ from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
 from selfimprove.scoring import score_records
 
 
-@stage(version=1)
+@stage(name="monitor", version=1)
 def monitor(out: Path, scored: Artifact, kept: Artifact, dataset: dict) -> dict:
     """Stage: exploration/exploitation metrics of one iteration; writes metrics.json.
 

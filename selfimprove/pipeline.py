@@ -2,8 +2,9 @@
 
 The contract (docs: DESIGN.md §2):
 
-- A stage is ``fn(out: Path, **inputs) -> dict | None``. Its **fingerprint** hashes the function's
-  name and version with its inputs; an input that is an :class:`Artifact` contributes its own
+- A stage is ``fn(out: Path, **inputs) -> dict | None`` marked ``@stage(name=..., version=...)``. Its
+  **fingerprint** hashes that registered name and version with its inputs (not the module path, so
+  moving or renaming the function keeps finished runs); an input that is an :class:`Artifact` contributes its own
   fingerprint, so a change upstream changes every stage downstream.
 - A stage writes into ``<name>.partial/``, which is renamed to ``<name>/`` when the function
   returns; ``_DONE.json`` (fingerprint, times, counts, library versions, the size of every output
@@ -75,16 +76,32 @@ class Artifact:
         return dict(self.done_record().get("counts", {}))
 
 
-def stage(version: int = 1, resumable: bool = False) -> Callable:
-    """Mark a function as a stage. Bump ``version`` when its output for the same inputs changes,
-    so that finished runs recompute it instead of reusing stale artifacts."""
+#: every stage by its registered name (names are unique: the name is the stage's identity)
+STAGES: dict[str, Callable] = {}
+
+
+def stage(name: str, version: int = 1, resumable: bool = False) -> Callable:
+    """Mark a function as the stage ``name``. The fingerprint holds the name, not the module path,
+    so the function may move or be renamed freely. Bump ``version`` when its output for the same
+    inputs changes, so that finished runs recompute it instead of reusing stale artifacts."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"@stage needs a non-empty name, got {name!r}")
 
     def mark(fn: Callable) -> Callable:
+        taken = STAGES.get(name)
+        if taken is not None and taken.__qualname__ != fn.__qualname__:  # same qualname: reloaded or moved
+            raise ValueError(f"stage name '{name}' is already used by {where(taken)}; choose another name")
+        fn.stage_name = name
         fn.stage_version = version
         fn.stage_resumable = resumable
+        STAGES[name] = fn
         return fn
 
     return mark
+
+
+def where(fn: Callable) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +180,7 @@ def describe(value: Any, artifact: Callable[[Artifact], Any]) -> Any:
 
 
 def fingerprint_of(fn: Callable, inputs: dict[str, Any], neutral: Iterable[str] = ()) -> str:
-    """``neutral``: dotted keys (``hardware.num_threads``) of inputs that do not change the result;
+    """The hash of the stage's registered name and version and its inputs. ``neutral``: dotted keys (``hardware.num_threads``) of inputs that do not change the result;
     they are left out, so that resuming with other such settings reuses what was done."""
 
     def encode(v: Any) -> Any:
@@ -174,9 +191,11 @@ def fingerprint_of(fn: Callable, inputs: dict[str, Any], neutral: Iterable[str] 
         name, _, sub = key.partition(".")
         if sub and isinstance(encoded.get(name), dict):
             encoded[name].pop(sub, None)
+    if not hasattr(fn, "stage_name"):
+        raise TypeError(f"{where(fn)} is not a stage; mark it with @stage(name=...)")
     payload = {
-        "fn": f"{fn.__module__}.{fn.__qualname__}",
-        "version": getattr(fn, "stage_version", 1),
+        "stage": fn.stage_name,
+        "version": fn.stage_version,
         "inputs": encoded,
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()

@@ -13,7 +13,7 @@ from selfimprove.metrics import fraction
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
 
 
-@stage(version=1)
+@stage(name="sft_prompts", version=1)
 def sft_prompts(out: Path, seeds: Artifact, size: int | None, seed: int) -> dict:
     """Stage: SPIN's prompts -- ``size`` records drawn from the SFT data (None = all), each carrying
     its gold response in ``meta.gold`` (generation copies meta into every sample)."""
@@ -33,7 +33,7 @@ def sft_prompts(out: Path, seeds: Artifact, size: int | None, seed: int) -> dict
     return {"prompts": len(prompts)}
 
 
-@stage(version=1)
+@stage(name="spin_pairs", version=1)
 def spin_pairs(out: Path, samples: Artifact, dataset: dict, previous: Artifact | None) -> dict:
     """Stage: SPIN's pairs -- the gold response chosen, the model's own response rejected. A response
     identical to the gold one is dropped (its DPO gradient is zero). With ``previous`` the previous
@@ -140,7 +140,7 @@ def pair_metrics(pairs: list[dict], ties: int) -> dict:
     }
 
 
-@stage(version=2)
+@stage(name="judged_pairs", version=2)
 def judged_pairs(
     out: Path, judged: Artifact, anchor: Artifact | None, dataset: dict, future: Artifact | None = None
 ) -> dict:

@@ -27,14 +27,9 @@ from selfimprove.registry import ConfigError
 from selfimprove.training import launch
 
 GB = 1e9
-#: the training stages, by the function's qualified name: TRL trainer kind of the estimate
-TRAINERS = {
-    "selfimprove.training.sft.sft": "sft",
-    "selfimprove.training.dpo.dpo": "dpo",
-    "selfimprove.training.grpo.grpo": "grpo",
-    "selfimprove.training.score.score_rl": "grpo",
-}
-#: stages whose sequences hold two attempts (SCoRe's and Self-Refine's episodes)
+#: the training stages, by their registered name: TRL trainer kind of the estimate
+TRAINERS = {"sft": "sft", "dpo": "dpo", "grpo": "grpo", "score_rl": "grpo"}
+#: stages (by registered name) whose sequences hold two attempts (SCoRe's and Self-Refine's episodes)
 TWO_TURN = {"two_turn_eval", "sample_episodes", "refine_round", "draft", "score_rl"}
 #: memory assumed per GPU when planning for GPUs on a machine without one (A100/H100 80 GB)
 ASSUMED_GPU_GB = 80
@@ -232,7 +227,7 @@ def memory_of(hardware: dict) -> float:
 
 def trainer_kind(status: StageStatus) -> str | None:
     fn = status.fn
-    return TRAINERS.get(f"{fn.__module__}.{fn.__qualname__}") if fn is not None else None
+    return TRAINERS.get(fn.stage_name) if fn is not None else None
 
 
 def training_estimate(arch: Arch, status: StageStatus, kind: str, dataset: dict) -> Estimate:
@@ -242,7 +237,7 @@ def training_estimate(arch: Arch, status: StageStatus, kind: str, dataset: dict)
     processes = launch.processes(hardware)
     seq_len = train["max_length"]
     if kind == "grpo":  # the prompt plus the completions (two attempts and the instruction in SCoRe)
-        attempts = 2 if status.fn.__qualname__ == "score_rl" else 1
+        attempts = 2 if status.fn.stage_name == "score_rl" else 1
         seq_len = dataset["prompt_tokens"] + attempts * rl["max_completion_length"]
         seq_len += dataset["turn_tokens"] if attempts == 2 else 0
     device, lora, sharding = (
@@ -289,8 +284,7 @@ def generation_estimate(arch: Arch, status: StageStatus, dataset: dict) -> Estim
     generator, hardware = status.inputs["generator"], status.inputs["hardware"]
     engine = str(generator["backend"])
     engine = "hf" if engine == "auto" else engine
-    name = status.fn.__qualname__
-    seq_len = dataset["two_turn_tokens"] if name in TWO_TURN else dataset["sequence_tokens"]
+    seq_len = dataset["two_turn_tokens"] if status.fn.stage_name in TWO_TURN else dataset["sequence_tokens"]
     sampling = status.inputs.get("sampling") or {}
     if sampling.get("max_tokens"):
         seq_len = dataset["prompt_tokens"] + sampling["max_tokens"]

@@ -66,7 +66,7 @@ def critique(
 
 
 # -- stages ----------------------------------------------------------------------------------------
-@stage(version=1)
+@stage(name="role_seed_data", version=1)
 def role_seed_data(out: Path, seeds: Artifact, dataset: dict, synth: dict, seed: int) -> dict:
     """Stage: the warm start's demonstrations plus synthetic role examples, each labelled by the
     task's step checker. From a ``critic_fraction`` of the gold records (and ``exemplar_examples``
@@ -125,7 +125,7 @@ def role_example(r: dict, tag: str, role: str, prompt: str, completion: str, kin
     }
 
 
-@stage(version=1)
+@stage(name="bench_solutions", version=1)
 def bench_solutions(
     out: Path,
     model: Artifact,
@@ -150,7 +150,7 @@ def bench_solutions(
     return {"solutions": len(bench), "erroneous": wrong, "correct": len(bench) - wrong}
 
 
-@stage(version=1)
+@stage(name="critic_eval", version=1)
 def critic_eval(
     out: Path,
     critic: Artifact,
@@ -205,7 +205,7 @@ def critic_eval(
     return {"solutions": len(items), "erroneous": len(wrong)}
 
 
-@stage(version=1)
+@stage(name="play", version=1)
 def play(
     out: Path,
     critic: Artifact,
@@ -336,7 +336,7 @@ def play(
     return {"games": len(attempts), "valid": len(valid), "shown": len(shown)}
 
 
-@stage(version=1)
+@stage(name="game_data", version=1)
 def game_data(
     out: Path, game: Artifact, replay: Artifact, roles: list, seed: int, balance: bool = False
 ) -> dict:

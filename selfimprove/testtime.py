@@ -58,7 +58,7 @@ def greedy_records(evaluated: Artifact) -> list[dict]:
     return [r for r in read_jsonl(evaluated.file("samples.jsonl")) if not r["meta"].get("sampled")]
 
 
-@stage(version=1)
+@stage(name="uncertainty", version=1)
 def uncertainty(
     out: Path,
     model: Artifact,
@@ -114,7 +114,7 @@ def uncertainty(
     }
 
 
-@stage(version=1)
+@stage(name="synthesize", version=1)
 def synthesize(
     out: Path,
     model: Artifact,
@@ -237,7 +237,7 @@ def answer(peft_lm, tokenizer, meta: dict, records: list[dict], max_tokens: int)
     return tokenizer.batch_decode(seqs[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-@stage(version=1)
+@stage(name="adapt_and_answer", version=1)
 def adapt_and_answer(
     out: Path,
     model: Artifact,

@@ -26,18 +26,9 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     # so workers do not fight over cores. The tiny models gain little from a second thread.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# A STaR run small enough for a test (~20 s): few steps, few prompts, two iterations.
-TINY_RUN = [
-    "method.iterations=2",
-    "method.warmstart.steps=30",
-    "method.train.steps=10",
-    "dataset.seed_per_level=100",
-    "dataset.train_per_iteration=16",
-    "dataset.test_levels=[2,3]",
-    "dataset.test_per_level=16",
-    "method.sampling.n=2",
-    "model.intermediate_size=128",
-]
+# A STaR run small enough for a test (~20 s): few steps, few prompts, two iterations
+# (conf/debug/: the sizes per model, method and dataset; what users run as a smoke test).
+TINY_RUN = ["debug=tiny"]
 
 
 #: where tests/test_matrix.py leaves one JSON file per method x dataset pair for the summary below

@@ -30,7 +30,7 @@ from tests.conftest import BAD_INPUTS_DIR
 
 NOBODY = 65534
 #: a run small enough that its first stages come in seconds
-SMALL = ["model.intermediate_size=128", "dataset.seed_per_level=20", "dataset.test_per_level=4"]
+SMALL = ["debug=tiny", "dataset.seed_per_level=20", "dataset.test_per_level=4"]
 
 
 @dataclass

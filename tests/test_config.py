@@ -21,8 +21,37 @@ def test_default_is_the_embedded_cpu_demo():
 def test_every_group_option_composes(group, option):
     cfg = compose_cfg([f"{group}={option}"])
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    if group != "experiment":
+    if group not in ("experiment", "debug"):  # those two set keys of other groups
         assert cfg[group] is not None
+
+
+@pytest.mark.parametrize("method", group_options()["method"])
+def test_debug_tiny_shrinks_every_method(method):
+    """debug=tiny composes with every method (its keys exist there) and shortens its warm start;
+    debug=none is the config as it was; a key on the command line wins over debug's."""
+    base, tiny = compose_cfg([f"method={method}"]), compose_cfg([f"method={method}", "debug=tiny"])
+    assert tiny.method.warmstart.steps < base.method.warmstart.steps
+    assert tiny.model.intermediate_size < base.model.intermediate_size
+    assert compose_cfg([f"method={method}", "debug=none"]) == base
+    assert (
+        compose_cfg([f"method={method}", "debug=tiny", "method.warmstart.steps=7"]).method.warmstart.steps
+        == 7
+    )
+
+
+@pytest.mark.parametrize("dataset", group_options()["dataset"])
+def test_debug_tiny_shrinks_every_dataset(dataset):
+    base, tiny = compose_cfg([f"dataset={dataset}"]), compose_cfg([f"dataset={dataset}", "debug=tiny"])
+    sizes = (
+        "seed_per_level",
+        "seed_size",
+        "train_per_iteration",
+        "train_size",
+        "test_per_level",
+        "test_size",
+    )
+    shrunk = [k for k in sizes if k in tiny.dataset and tiny.dataset[k] != base.dataset[k]]
+    assert shrunk and all(base.dataset[k] is None or tiny.dataset[k] < base.dataset[k] for k in shrunk)
 
 
 def test_experiment_overrides_only_what_differs():

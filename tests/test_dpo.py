@@ -34,7 +34,7 @@ TRAIN = {
 }
 
 
-@stage()
+@stage(name="make_pairs")
 def make_pairs(out, count: int) -> dict:
     """Gold 2-digit scratchpads chosen, the same problems with one slip rejected."""
     cfg = compose_cfg(
@@ -77,7 +77,7 @@ def margin(model, pairs_path) -> float:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")
-    model_cfg = dict(compose_cfg(["model.intermediate_size=128"]).model)
+    model_cfg = dict(compose_cfg(["debug=tiny"]).model)
     with Run(root, log=lambda _: None) as run:
         base = run.stage("init", init_model, model=model_cfg, seed=0)
         other = run.stage("other", init_model, model=model_cfg, seed=1)

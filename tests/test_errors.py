@@ -52,8 +52,7 @@ def test_a_training_set_that_fits_no_max_length_is_one_line_with_the_fix(tmp_pat
 
 def test_a_hub_model_without_network_is_one_line_naming_the_fixes(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-cache")}
-    shrink = [o for o in TINY_RUN if not o.startswith("model.")]
-    proc = selfimprove("run", *shrink, "model=qwen0.5b", "out_root=out", cwd=tmp_path, check=False, env=env)
+    proc = selfimprove("run", *TINY_RUN, "model=qwen0.5b", "out_root=out", cwd=tmp_path, check=False, env=env)
     line = one_line(proc)
     assert line.startswith(
         "error: warmstart/train: the model or dataset is not in the local Hugging Face cache"
@@ -75,7 +74,7 @@ def test_a_hub_dataset_without_network_is_one_line_naming_the_fixes(tmp_path):
     assert line.startswith("error: warmstart/data: ") and "dataset.*.path" in line, line
 
 
-@stage()
+@stage(name="allocate")
 def allocate(out, size: int) -> dict:
     (out / "half.bin").write_bytes(b"x" * size)
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.1 GiB total)")

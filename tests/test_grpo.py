@@ -17,18 +17,10 @@ pytestmark = pytest.mark.slow
 
 SMALL = [
     "method=grpo",
-    "method.iterations=1",
-    "method.warmstart.steps=30",
-    "method.train.steps=6",
-    "method.train.batch_size=8",
-    "method.rl.num_generations=4",
+    "debug=tiny",
     "hardware.checkpoint_steps=2",
-    "method.rl.max_completion_length=24",
-    "dataset.seed_per_level=100",
-    "dataset.train_per_iteration=16",
     "dataset.test_levels=[2]",
     "dataset.test_per_level=8",
-    "model.intermediate_size=128",
 ]
 
 

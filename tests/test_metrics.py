@@ -196,7 +196,7 @@ def tiny_model(tmp_path_factory):
     from tests.conftest import compose_cfg
 
     out = tmp_path_factory.mktemp("tiny")
-    build_tiny(dict(compose_cfg(["model.intermediate_size=128"]).model), out, seed=3)
+    build_tiny(dict(compose_cfg(["debug=tiny"]).model), out, seed=3)
     return out
 
 

@@ -3,26 +3,29 @@ folders, stop_after, resumable stages and the per-iteration metrics file."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from selfimprove import data, pipeline, tasks
 from selfimprove.errors import StageFailed
-from selfimprove.pipeline import DONE, Run, StopRequested, read_jsonl, stage
+from selfimprove.pipeline import DONE, STAGES, Run, StopRequested, read_jsonl, stage
 from selfimprove.registry import ConfigError
+from tests.conftest import compose_cfg
 
 CALLS: list[str] = []
 
 
-@stage()
+@stage(name="write_number")
 def write_number(out: Path, value: int) -> dict:
     CALLS.append(f"write_number:{value}")
     (out / "value.txt").write_text(str(value))
     return {"value": value}
 
 
-@stage()
+@stage(name="add_one")
 def add_one(out: Path, source) -> dict:
     CALLS.append("add_one")
     value = int(source.file("value.txt").read_text()) + 1
@@ -30,7 +33,7 @@ def add_one(out: Path, source) -> dict:
     return {"value": value}
 
 
-@stage()
+@stage(name="explode")
 def explode(out: Path, value: int) -> dict:
     (out / "half-written.txt").write_text("partial")
     raise RuntimeError("killed")
@@ -74,7 +77,7 @@ def test_changed_input_recomputes_downstream(tmp_path):
     assert second.file("value.txt").read_text() == "6"
 
 
-@stage()
+@stage(name="on_hardware")
 def on_hardware(out: Path, hardware: dict) -> dict:
     CALLS.append(f"on_hardware:{hardware['dtype']}")
     return {}
@@ -148,7 +151,7 @@ def test_plan_reports_states_without_computing(tmp_path):
 def test_resumable_stage_keeps_its_partial_folder(tmp_path):
     attempts = []
 
-    @stage(resumable=True)
+    @stage(name="counting", resumable=True)
     def counting(out: Path, target: int) -> dict:
         step = int((out / "ckpt").read_text()) if (out / "ckpt").exists() else 0
         attempts.append(step)
@@ -184,3 +187,70 @@ def test_one_process_per_run_directory(tmp_path):
         with pytest.raises(ConfigError, match="in use by another"):
             with quiet_run(tmp_path):
                 pass
+
+
+# -- stage identity: the registered name and version, not the module path ----------------------
+
+
+def load_copy(path: Path, source: str):
+    """Import ``source`` as a new module from ``path``: the stage functions it defines live there."""
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def prompts_stage(run: Run, fn) -> pipeline.Artifact:
+    return run.stage("prompts", fn, dataset=tasks.spec(compose_cfg([]).dataset), iteration=1)
+
+
+def test_a_moved_and_renamed_stage_keeps_its_fingerprint_and_its_done_run(tmp_path, monkeypatch):
+    """data.py copied into another module, its task_prompts renamed: a finished run still counts as
+    done (0 stages computed), because the fingerprint holds the name 'task_prompts', not
+    selfimprove.data.task_prompts."""
+    with quiet_run(tmp_path / "run") as run:
+        before = prompts_stage(run, data.task_prompts)
+    assert run.counts["computed"] == 1
+
+    source = Path(data.__file__).read_text().replace("def task_prompts(", "def prompts_of_iteration(")
+    monkeypatch.setattr(pipeline, "STAGES", {k: v for k, v in STAGES.items() if k != "task_prompts"})
+    moved = load_copy(tmp_path / "moved_stages.py", source).prompts_of_iteration
+    assert (moved.__module__, moved.__qualname__) == ("moved_stages", "prompts_of_iteration")
+
+    with quiet_run(tmp_path / "run") as run:
+        after = prompts_stage(run, moved)
+    assert after.fingerprint == before.fingerprint
+    assert run.counts == {"computed": 0, "reused": 1, "shared": 0}
+
+
+def test_a_new_stage_version_recomputes(tmp_path, monkeypatch):
+    """Bumping the version of the same stage (same name, same inputs) changes its fingerprint, so a
+    finished run recomputes it."""
+    monkeypatch.setattr(pipeline, "STAGES", dict(STAGES))  # the copy's stages leave with the test
+    old = '@stage(name="task_prompts", version=1)'
+    source = Path(data.__file__).read_text()
+    assert old in source
+    bumped = load_copy(tmp_path / "bumped_stages.py", source.replace(old, old.replace("1", "2"))).task_prompts
+    assert bumped.stage_version == 2
+
+    with quiet_run(tmp_path / "run") as run:
+        before = prompts_stage(run, data.task_prompts)
+    with quiet_run(tmp_path / "run") as run:
+        after = prompts_stage(run, bumped)
+    assert after.fingerprint != before.fingerprint
+    assert run.counts["computed"] == 1
+
+
+def test_stage_names_are_unique_and_required(tmp_path):
+    with pytest.raises(ValueError, match="stage name 'task_prompts' is already used by selfimprove.data"):
+
+        @stage(name="task_prompts")
+        def other_prompts(out: Path) -> dict:
+            return {}
+
+    def unmarked(out: Path) -> dict:
+        return {}
+
+    with quiet_run(tmp_path) as run, pytest.raises(TypeError, match="not a stage; mark it with @stage"):
+        run.stage("x", unmarked)

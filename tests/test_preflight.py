@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from selfimprove.app import plan
+from selfimprove.app import CONF_DIR, plan
 from selfimprove.cli import main
 from selfimprove.memory import format_bytes, training_peak
 from selfimprove.preflight import arch_of, estimates
@@ -43,6 +43,24 @@ def test_every_readme_command_composes_and_passes_plan(command, tmp_path, monkey
     out = capsys.readouterr()
     assert code == 0, f"selfimprove plan {' '.join(args)}:\n{out.out[-2000:]}\n{out.err}"
     assert "stages" in out.out
+    assert not list(tmp_path.iterdir()), "plan writes nothing"
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_plans(name, tmp_path, monkeypatch, capsys):
+    """Every experiment file, as `selfimprove plan experiment=X`: its stages resolve and pass the
+    capability, context, batch and memory checks, computing and writing nothing (composing alone
+    let star_gsm8k's crash through)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["plan", f"experiment={name}"])
+    out = capsys.readouterr()
+    assert code == 0, f"selfimprove plan experiment={name}:\n{out.out[-2000:]}\n{out.err}"
+    planned = re.search(r"\(0 of (\d+) stages done\)", out.out)
+    assert planned and int(planned[1]) > 0, out.out[-2000:]
     assert not list(tmp_path.iterdir()), "plan writes nothing"
 
 

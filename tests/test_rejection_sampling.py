@@ -137,7 +137,7 @@ def test_star_rationalize_restart_and_growing_steps(tmp_path):
     unsolved = {r["id"] for r in read_jsonl(root / "iter_01/score/scored.jsonl")} - {
         r["id"] for r in read_jsonl(root / "iter_01/score/scored.jsonl") if r["reward"] == 1.0
     }
-    assert {r["id"] for r in hinted} == unsolved and all("|" in r["prompt"] for r in hinted)
+    assert hinted and {r["id"] for r in hinted} == unsolved and all("|" in r["prompt"] for r in hinted)
     assert (root / "iter_01/rationalize_score/scored.jsonl").exists()
     for it, steps in ((1, 10), (2, 15)):  # train.steps + steps_growth * (iteration - 1)
         train = done(root, f"iter_{it:02d}/train")
@@ -183,7 +183,9 @@ def test_bstar_samples_with_the_searched_settings(tmp_path):
         assert len(samples) == 16 * chosen["n"], "the generate stage reads the chosen sample count"
         assert rows[it]["search/temperature"] == chosen["temperature"] and "search/balance" in rows[it]
         selected = read_jsonl(root / f"iter_0{it}/select/scored.jsonl")
-        assert all(r["score"] > chosen["threshold"] for r in selected), "B-STaR keeps score > tau"
+        assert selected and all(r["score"] > chosen["threshold"] for r in selected), (
+            "B-STaR keeps score > tau"
+        )
         assert rows[it]["selected"] == len(selected) and 0 <= rows[it]["explore/pass@K-1"] <= 1
         assert "exploit/reward@K-1" in rows[it] and "select/exploit_factor" in rows[it]
     assert done(root, "iter_02/train")["inputs"]["model"] == "iter_01/train", "B-STaR continues training"

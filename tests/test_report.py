@@ -5,11 +5,14 @@ installed) and parses (pylatexenc), whatever characters the settings hold."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
+from selfimprove.app import CONF_DIR
 from selfimprove.pipeline import write_jsonl
 from selfimprove.registry import ConfigError
 from selfimprove.report import report
@@ -177,12 +180,43 @@ def test_bad_names_list_what_is_allowed(sweep, tmp_path):
         report(tmp_path / ".store", "md", tmp_path)
 
 
-def test_every_experiment_layout_composes():
-    for name in ("star_table", "length_gen"):
-        layout = compose_cfg([f"experiment={name}"]).report
-        # accuracies, and the filter counts length_gen records per round (tests/test_length_gen.py)
-        named = [c.metric for c in layout.columns if not c.metric.startswith("acc/")]
-        assert layout.columns and set(named) <= {"kept", "label_accuracy"}
+#: the experiments that declare a reproduction contract (report.expected)
+CONTRACTS = [
+    p.stem
+    for p in sorted((CONF_DIR / "experiment").glob("*.yaml"))
+    if (yaml.safe_load(p.read_text()).get("report") or {}).get("expected")
+]
+
+
+def test_contracts_are_found():
+    assert {"ci_contract", "star_table", "length_gen", "score_table"} <= set(CONTRACTS)
+
+
+@pytest.mark.parametrize("name", CONTRACTS)
+def test_every_contract_names_columns_its_table_will_have(name):
+    """Each expected cell is a column of the experiment's table; a per-level metric (acc/3,
+    delta_c2i/3) is of a level the dataset tests; an iteration given by number is one the method runs."""
+    cfg = compose_cfg([f"experiment={name}"])
+    layout = OmegaConf.to_container(cfg.report, resolve=True)
+    levels = set(cfg.dataset.test_levels)
+    # SCoRe counts its stages otherwise: its columns name iterations first and last only
+    iterations = next(
+        (cfg.method[k] for k in ("iterations", "rounds", "max_rounds") if k in cfg.method), None
+    )
+    rows = layout["expected"]["rows"]
+    assert rows and all(row["cells"] for row in rows)
+    columns = layout["columns"]
+    for title in {t for row in rows for t in row["cells"]}:
+        if columns is None:  # the default table: every acc/<level> at the first and the last iteration
+            default = re.fullmatch(r"acc/(\d+) @(\d+)", title)
+            assert default and int(default[1]) in levels and int(default[2]) in (0, iterations), title
+        else:
+            assert title in {c["title"] for c in columns}, title
+    for column in columns or []:
+        level = re.fullmatch(r"[\w@]+/(\d+)", column["metric"])
+        assert level is None or int(level[1]) in levels, column
+        if isinstance(column["iteration"], int):
+            assert iterations is not None and column["iteration"] <= iterations, column
 
 
 def test_cli_prints_the_table_and_where_it_is_written(sweep, tmp_path):

@@ -26,20 +26,11 @@ from tests.conftest import compose_cfg
 
 SMALL = [
     "method=score",
-    "method.warmstart.steps=30",
-    "method.train.steps=3",
-    "method.train.batch_size=8",
+    "debug=tiny",
     "hardware.checkpoint_steps=2",
-    "method.rl.max_completion_length=24",
-    "method.traces.n=2",
-    "method.star_iterations=2",
-    "method.traces.max_tokens=24",
-    "method.sft.steps=4",
-    "dataset.seed_per_level=100",
     "dataset.train_per_iteration=8",
     "dataset.test_levels=[2]",
     "dataset.test_per_level=8",
-    "model.intermediate_size=128",
 ]
 TWO_TURN = {"acc@t1/2", "acc@t2/2", "delta/2", "delta_i2c/2", "delta_c2i/2"}
 

@@ -16,15 +16,7 @@ from tests.conftest import compose_cfg
 
 pytestmark = pytest.mark.slow
 
-SMALL = [
-    "method=self_refine",
-    "method.max_rounds=3",
-    "method.warmstart.steps=30",
-    "dataset.seed_per_level=100",
-    "dataset.test_levels=[2]",
-    "dataset.test_per_level=12",
-    "model.intermediate_size=128",
-]
+SMALL = ["method=self_refine", "debug=tiny", "dataset.test_levels=[2]", "dataset.test_per_level=12"]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from selfimprove.pipeline import DONE, Run, read_jsonl, stage
 from selfimprove.store import Store
 
 
-@stage()
+@stage(name="slow_number")
 def slow_number(out: Path, value: int, log: str) -> dict:
     with open(log, "a") as f:
         f.write(f"{os.getpid()}\n")
@@ -23,7 +23,7 @@ def slow_number(out: Path, value: int, log: str) -> dict:
     return {"value": value}
 
 
-@stage()
+@stage(name="plus")
 def plus(out: Path, source) -> dict:
     (out / "value.txt").write_text(str(int(source.file("value.txt").read_text()) + 1))
     return {}

@@ -18,14 +18,13 @@ from tests.conftest import kill_when, selfimprove
 pytestmark = pytest.mark.slow
 
 SMALL = [
+    "debug=tiny",
     "method.iterations=1",
     "method.warmstart.steps=20",
     "dataset.seed_per_level=50",
     "dataset.train_per_iteration=8",
     "dataset.test_levels=[2]",
     "dataset.test_per_level=8",
-    "method.sampling.n=2",
-    "model.intermediate_size=128",
 ]
 SWEEP = ["run", "-m", *SMALL, "method.train.steps=4,6", "logger=wandb"]
 SHARED = ["init", "warmstart/data", "warmstart/train", "warmstart/eval"]

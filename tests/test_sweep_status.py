@@ -18,19 +18,9 @@ from tests.conftest import TINY_RUN, selfimprove
 pytestmark = pytest.mark.slow
 
 
-def shrunk(**changes: str) -> list[str]:
-    """TINY_RUN with some keys changed (one iteration: a sweep of four jobs in about a minute)."""
-    tiny = dict(o.split("=", 1) for o in TINY_RUN)
-    return [f"{k}={v}" for k, v in {**tiny, **changes}.items()]
-
-
-SMALL = shrunk(**{"method.iterations": "1", "method.warmstart.steps": "20", "dataset.test_per_level": "8"})
-SWEEP = [
-    "run",
-    "-m",
-    *[o for o in SMALL if not o.startswith("method.train.steps=")],
-    "method.train.steps=2,3,4,5",
-]
+# TINY_RUN with one iteration: a sweep of four jobs in about a minute
+SMALL = [*TINY_RUN, "method.iterations=1", "method.warmstart.steps=20", "dataset.test_per_level=8"]
+SWEEP = ["run", "-m", *SMALL, "method.train.steps=2,3,4,5"]
 
 
 def status_rows(text: str) -> dict[str, list[str]]:

@@ -17,19 +17,7 @@ from tests.conftest import compose_cfg
 
 pytestmark = pytest.mark.slow
 
-TINY_TT = [
-    "method=tt_si",
-    "method.warmstart.steps=30",
-    "dataset.seed_per_level=100",
-    "dataset.test_levels=[2]",
-    "dataset.test_per_level=6",
-    "model.intermediate_size=128",
-    "method.uncertainty.samples=2",
-    "method.synthesis.problems=2",
-    "method.synthesis.solutions=2",
-    "method.adapt.steps=2",
-    "method.adapt.items_per_adapter=3",
-]
+TINY_TT = ["method=tt_si", "debug=tiny", "dataset.test_levels=[2]", "dataset.test_per_level=6"]
 
 
 def test_relative_softmax_margin_by_hand():
@@ -47,7 +35,7 @@ def test_candidate_margins_score_each_distinct_answer_by_its_likeliest_completio
     from selfimprove import tasks
     from selfimprove.models import load_model
 
-    build_tiny(dict(compose_cfg(["model.intermediate_size=128"]).model), tmp_path, seed=0)
+    build_tiny(dict(compose_cfg(["debug=tiny"]).model), tmp_path, seed=0)
     task = tasks.load(tasks.spec(compose_cfg([]).dataset))
     hardware = {"device": "cpu", "dtype": "float32"}
     lm, tok = load_model(tmp_path, hardware)
@@ -83,7 +71,7 @@ def test_candidate_margins_score_each_distinct_answer_by_its_likeliest_completio
 def test_lora_adapter_trains_then_resets(tmp_path):
     import torch
 
-    build_tiny(dict(compose_cfg(["model.intermediate_size=128"]).model), tmp_path, seed=0)
+    build_tiny(dict(compose_cfg(["debug=tiny"]).model), tmp_path, seed=0)
     adapt = {"rank": 4, "alpha": 8, "target_modules": "all-linear", "lr": 1e-2, "steps": 5}
     lm, tok, initial = lora_model(tmp_path, adapt, {"device": "cpu", "dtype": "float32"})
     ids = torch.tensor([tok("12+30:2+0+0=02", add_special_tokens=False)["input_ids"]])

@@ -184,11 +184,10 @@ def test_chat_model_is_prompted_through_its_template_as_in_hf(setup, greedy):
 
 
 def test_star_run_end_to_end_with_generator_vllm(tmp_path):
-    small = [o for o in TINY_RUN if not o.startswith(("method.iterations", "dataset.test_levels"))]
     proc = selfimprove(
         "run",
         "generator=vllm",
-        *small,
+        *TINY_RUN,
         "method.iterations=1",
         "dataset.test_levels=[3]",
         f"run_dir={tmp_path / 'run'}",

@@ -120,7 +120,7 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
     return text[:cut]
 
 
-@stage(version=1)
+@stage(name="generate", version=1)
 def generate(
     out: Path, model: Artifact, prompts: Artifact, sampling: dict, generator: dict, hardware: dict, seed: int
 ) -> dict:

@@ -119,7 +119,7 @@ def short_to_long(node) -> DictConfig | None:
     return curriculum
 
 
-@stage(version=2)
+@stage(name="self_labels", version=2)
 def self_labels(
     out: Path, labels: Artifact, replay: Artifact, vote: bool, replay_min: int, seed: int
 ) -> dict:

@@ -116,7 +116,7 @@ def round_metrics(out: Path, episodes: list[dict], tokens: dict, refined: int) -
     return {"episodes": len(episodes), "refined": refined}
 
 
-@stage(version=1)
+@stage(name="draft", version=1)
 def draft(out: Path, model: Artifact, dataset: dict, generator: dict, hardware: dict, seed: int) -> dict:
     """Stage: round 1, a greedy draft for every held-out problem (episodes with one turn)."""
     task = tasks.load(dataset)
@@ -126,7 +126,7 @@ def draft(out: Path, model: Artifact, dataset: dict, generator: dict, hardware: 
     return round_metrics(out, episodes, {"tokens/round": tokens, "tokens/critique": 0}, 0)
 
 
-@stage(version=1)
+@stage(name="refine_round", version=1)
 def refine_round(
     out: Path,
     model: Artifact,

@@ -48,7 +48,7 @@ def coverage(records: list[dict]) -> dict:
     }
 
 
-@stage(version=1)
+@stage(name="score", version=1)
 def score(out: Path, samples: Artifact, dataset: dict) -> dict:
     """Stage: verify every sample; writes scored.jsonl."""
     records = read_jsonl(samples.file("samples.jsonl"))

@@ -63,7 +63,7 @@ def certainties(
     return out
 
 
-@stage(version=1)
+@stage(name="certainty", version=1)
 def certainty(out: Path, model: Artifact, scored: Artifact, hardware: dict) -> dict:
     """Stage: scored.jsonl with each sample's self-certainty under the model that generated it."""
     records = read_jsonl(scored.file("scored.jsonl"))

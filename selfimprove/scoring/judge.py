@@ -105,7 +105,7 @@ def says_correct(judge: Judge, score: float) -> bool:
     return score >= judge.max_score / 2
 
 
-@stage(version=1)
+@stage(name="judge_seed_data", version=1)
 def judge_seed_data(
     out: Path, seeds: Artifact, dataset: dict, judge: dict, fraction: float, seed: int
 ) -> dict:
@@ -151,7 +151,7 @@ def agreement(judge: Judge, records: list[dict]) -> dict:
     }
 
 
-@stage(version=1)
+@stage(name="judge_responses", version=1)
 def judge_responses(
     out: Path,
     model: Artifact,

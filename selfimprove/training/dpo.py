@@ -42,7 +42,7 @@ def last_logged(history: list[dict], key: str, first: bool = False) -> float | N
     return round(values[0 if first else -1], 4) if values else None
 
 
-@stage(version=1, resumable=True)
+@stage(name="dpo", version=1, resumable=True)
 @accelerated
 def dpo(
     out: Path,

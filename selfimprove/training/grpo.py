@@ -148,7 +148,7 @@ def verifier(task: tasks.Task) -> Callable:
     return correct
 
 
-@stage(version=1, resumable=True)
+@stage(name="grpo", version=1, resumable=True)
 @accelerated
 def grpo(
     out: Path,

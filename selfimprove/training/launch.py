@@ -107,7 +107,7 @@ def is_main_process() -> bool:
 def accelerated(body: Callable) -> Callable:
     """Decorator for a train stage's body (``body(out, **inputs)``): with ``hardware.accelerate``
     set, the body runs in the processes ``accelerate launch`` starts, else here. Keeps the body's
-    name, so its stage fingerprint is unchanged."""
+    name, so that the launched processes import it by that name."""
 
     @functools.wraps(body)
     def stage_body(out: Path, **inputs: Any) -> dict:

@@ -189,7 +189,7 @@ def score_trainer_class(beta_first: float, beta: float):
     return ScoreTrainer
 
 
-@stage(version=2, resumable=True)
+@stage(name="score_rl", version=2, resumable=True)
 @accelerated
 def score_rl(
     out: Path,

@@ -242,7 +242,7 @@ def unchanged(lm, tokenizer, out: Path, meta: dict) -> dict:
     return {"examples": 0, "steps": 0}
 
 
-@stage(version=2, resumable=True)
+@stage(name="sft", version=2, resumable=True)
 @accelerated
 def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict, seed: int) -> dict:
     """Stage: fine-tune ``model`` on ``data``'s prompt/completion records; writes model/ (full
