@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from selfimprove.generation import sample
 from selfimprove.models import build_tiny, chat_prompt, init_model, load_model, model_meta
-from selfimprove.pipeline import Run, write_jsonl
+from selfimprove.pipeline import Run, stage, write_jsonl
 from selfimprove.registry import ConfigError
 from selfimprove.testtime import answer, completion_rows, lora_model
 from selfimprove.training.sft import sft, sft_rows
@@ -108,6 +108,7 @@ def test_chat_sft_then_lora_adapter_generate_and_continue(chat_run):
     assert not hasattr(merged, "peft_config")  # adapters are merged on load: a plain model
 
 
+@stage(name="copy_data")
 def _copy_data(out, source: str) -> dict:
     import shutil
 
