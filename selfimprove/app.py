@@ -10,13 +10,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from selfimprove import optuna_sweep, preflight, validation
 from selfimprove.config import PLANNING_FOR_GPUS, register_configs
-from selfimprove.errors import INTERRUPTED, StageFailed, explain
+from selfimprove.engine.errors import INTERRUPTED, StageFailed, explain
+from selfimprove.engine.pipeline import Run, StopRequested, matches_stop, refusal, write_text_atomic
+from selfimprove.engine.registry import ConfigError
+from selfimprove.engine.store import Store
+from selfimprove.engine.tracking import Tracker
 from selfimprove.generation import resolve_backend
 from selfimprove.methods import METHODS
-from selfimprove.pipeline import Run, StopRequested, matches_stop, refusal, write_text_atomic
-from selfimprove.registry import ConfigError
-from selfimprove.store import Store
-from selfimprove.tracking import Tracker
 from selfimprove.training import launch
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -179,7 +179,7 @@ def print_table(console, rows: list[dict]) -> None:
 
 
 def quiet_libraries() -> None:
-    """Our bars (selfimprove/progress.py) show each stage's progress: silence the libraries' own
+    """Our bars (selfimprove/engine/progress.py) show each stage's progress: silence the libraries' own
     bars that would repeat them (datasets' map, transformers' weight loading) and their notices,
     but let hub downloads show theirs (transformers turns those off along with its own)."""
     import os

@@ -14,7 +14,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from selfimprove import optuna_sweep
-from selfimprove.registry import ConfigError, unknown_choice
+from selfimprove.engine.registry import ConfigError, unknown_choice
 
 COMMANDS = {
     "run": "run (or resume) an experiment: selfimprove run [-m] [group=option ...] [key=value ...]",
@@ -320,7 +320,7 @@ def status_command(args: list[str]) -> int:
     from selfimprove import sweep_status
     from selfimprove.app import plan
     from selfimprove.config import register_configs
-    from selfimprove.pipeline import METRICS, read_metrics
+    from selfimprove.engine.pipeline import METRICS, read_metrics
     from selfimprove.plan_view import STATE_COLOURS as colours
 
     if len(args) != 1:
@@ -361,7 +361,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def report_command(args: list[str]) -> int:
-    from selfimprove.report import FORMATS, SPREADS, report
+    from selfimprove.engine.report import FORMATS, SPREADS, report
 
     parser = OneLineParser(prog="selfimprove report", description=COMMANDS["report"])
     parser.add_argument("path", type=Path, help="a run directory or a sweep directory")
@@ -384,7 +384,7 @@ def report_command(args: list[str]) -> int:
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
     try:
         if ns.check:
-            from selfimprove.contract import check
+            from selfimprove.engine.contract import check
 
             lines, ok = check(ns.path)
             print("\n".join(lines))
@@ -404,7 +404,7 @@ def report_command(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Every command; Ctrl-C anywhere (also while checking, before a run starts) is one line, exit 130."""
-    from selfimprove.errors import INTERRUPTED
+    from selfimprove.engine.errors import INTERRUPTED
 
     try:
         return command(list(sys.argv[1:] if argv is None else argv))

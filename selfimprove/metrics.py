@@ -17,7 +17,7 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
-from selfimprove.registry import ConfigError
+from selfimprove.engine.registry import ConfigError
 
 
 def fraction(xs: Sequence[float | bool], empty: float | None = None) -> float | None:

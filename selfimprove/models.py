@@ -19,8 +19,8 @@ import string
 from pathlib import Path
 from typing import Any
 
-from selfimprove.pipeline import Artifact, stage, write_json_atomic
-from selfimprove.registry import ConfigError, Registry
+from selfimprove.engine.pipeline import Artifact, stage, write_json_atomic
+from selfimprove.engine.registry import ConfigError, Registry
 
 CHAT_SETTINGS = (True, False, "auto")
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}

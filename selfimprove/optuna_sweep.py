@@ -27,8 +27,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from selfimprove.pipeline import METRICS, read_jsonl
-from selfimprove.registry import ConfigError
+from selfimprove.engine.pipeline import METRICS, read_jsonl
+from selfimprove.engine.registry import ConfigError
 
 SWEEPER = "hydra_plugins.selfimprove_optuna.resumable_sweeper.ResumableOptunaSweeper"
 INSTALL = 'hydra/sweeper=optuna needs hydra-optuna-sweeper; install it with pip install -e ".[optuna]"'

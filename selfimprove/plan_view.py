@@ -9,8 +9,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from selfimprove import preflight, tasks
+from selfimprove.engine.pipeline import Run, plain
 from selfimprove.memory import format_bytes
-from selfimprove.pipeline import Run, plain
 from selfimprove.training import launch
 
 STATE_COLOURS = {

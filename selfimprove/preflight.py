@@ -20,10 +20,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from selfimprove import tasks, validation
+from selfimprove.engine.pipeline import Run, StageStatus, plain
+from selfimprove.engine.registry import ConfigError
 from selfimprove.memory import Arch, format_bytes, generation_peak, training_peak
 from selfimprove.methods import METHODS
-from selfimprove.pipeline import Run, StageStatus, plain
-from selfimprove.registry import ConfigError
 from selfimprove.training import launch
 
 GB = 1e9

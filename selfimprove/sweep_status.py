@@ -16,8 +16,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from selfimprove import optuna_sweep
-from selfimprove.pipeline import EVENTS, read_jsonl
-from selfimprove.registry import ConfigError
+from selfimprove.engine.pipeline import EVENTS, read_jsonl
+from selfimprove.engine.registry import ConfigError
 
 SWEEP_CONFIG = "multirun.yaml"
 COLOURS = {"done": "green", "running": "cyan", "partial": "yellow", "failed": "red", "pending": "white"}
@@ -206,7 +206,7 @@ def show(sweep: Path) -> int:
     from rich.markup import escape
     from rich.table import Table
 
-    from selfimprove.report import RunResult, labels
+    from selfimprove.engine.report import RunResult, labels
 
     jobs = expected_jobs(sweep)
     states = [job_state(job.root) for job in jobs]

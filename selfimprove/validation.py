@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from selfimprove.registry import ConfigError
+from selfimprove.engine.registry import ConfigError
 
 # -- keys ------------------------------------------------------------------------------------------
 

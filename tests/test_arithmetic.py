@@ -82,8 +82,8 @@ def test_unknown_dataset_name_lists_available():
 
 
 def test_task_code_version_feeds_stage_fingerprints():
-    from selfimprove.data import task_prompts
-    from selfimprove.pipeline import fingerprint_of
+    from selfimprove.engine.pipeline import fingerprint_of
+    from selfimprove.stages.data import task_prompts
     from selfimprove.tasks.arithmetic import Arithmetic
 
     dataset = compose_cfg([]).dataset

@@ -25,7 +25,7 @@ import pytest
 
 from selfimprove import app
 from selfimprove.cli import main
-from selfimprove.errors import INTERRUPTED, explain
+from selfimprove.engine.errors import INTERRUPTED, explain
 from tests.conftest import BAD_INPUTS_DIR
 
 NOBODY = 65534

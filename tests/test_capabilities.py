@@ -11,7 +11,7 @@ import random
 import pytest
 
 from selfimprove import tasks
-from selfimprove.pipeline import plain
+from selfimprove.engine.pipeline import plain
 from selfimprove.scoring.mathverify import canonical_answer
 from selfimprove.tasks.arithmetic import rationale
 from selfimprove.tasks.base import CAPABILITIES

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
+from selfimprove.engine.pipeline import Run, stage, write_jsonl
+from selfimprove.engine.registry import ConfigError
 from selfimprove.generation import sample
+from selfimprove.methods.tt_si.testtime import answer, completion_rows, lora_model
 from selfimprove.models import build_tiny, chat_prompt, init_model, load_model, model_meta
-from selfimprove.pipeline import Run, stage, write_jsonl
-from selfimprove.registry import ConfigError
-from selfimprove.testtime import answer, completion_rows, lora_model
 from selfimprove.training.sft import sft, sft_rows
 from tests.conftest import compose_cfg
 
@@ -134,7 +134,7 @@ def test_chat_template_true_without_one_is_a_config_error(tmp_path):
 
 
 def test_lora_override_from_the_command_line():
-    from selfimprove.pipeline import plain
+    from selfimprove.engine.pipeline import plain
     from selfimprove.training.sft import lora_config
 
     cfg = compose_cfg(

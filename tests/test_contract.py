@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from selfimprove.app import plan
-from selfimprove.pipeline import write_jsonl
+from selfimprove.engine.pipeline import write_jsonl
 from tests.conftest import compose_cfg, selfimprove
 
 CONTRACT = {

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from selfimprove.pipeline import DONE, read_jsonl
+from selfimprove.engine.pipeline import DONE, read_jsonl
 from tests.conftest import TINY_RUN, selfimprove
 
 pytestmark = pytest.mark.slow

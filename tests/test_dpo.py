@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
+from selfimprove.engine.pipeline import Run, stage, write_jsonl
+from selfimprove.engine.registry import ConfigError
 from selfimprove.models import init_model, load_model
-from selfimprove.pipeline import Run, stage, write_jsonl
-from selfimprove.registry import ConfigError
 from selfimprove.tasks import load, spec
 from selfimprove.training.dpo import dpo
 from tests.conftest import compose_cfg
@@ -58,7 +58,7 @@ def make_pairs(out, count: int) -> dict:
 
 def margin(model, pairs_path) -> float:
     """Mean over pairs of log p(chosen | prompt) - log p(rejected | prompt), summed over tokens."""
-    from selfimprove.pipeline import read_jsonl
+    from selfimprove.engine.pipeline import read_jsonl
 
     lm, tok = load_model(model, HARDWARE)
 

@@ -8,11 +8,11 @@ import random
 
 import pytest
 
-from selfimprove.episodes import episode_metrics, two_turn_seed_data
+from selfimprove.engine.pipeline import Artifact, read_jsonl, write_jsonl
+from selfimprove.engine.registry import ConfigError
 from selfimprove.metrics import self_correction
 from selfimprove.models import CHARACTERS
-from selfimprove.pipeline import Artifact, read_jsonl, write_jsonl
-from selfimprove.registry import ConfigError
+from selfimprove.stages.episodes import episode_metrics, two_turn_seed_data
 from selfimprove.tasks import load, spec
 from selfimprove.tasks.arithmetic import rationale
 from tests.conftest import compose_cfg

@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from selfimprove.errors import StageFailed
-from selfimprove.pipeline import DONE, Run, stage
+from selfimprove.engine.errors import StageFailed
+from selfimprove.engine.pipeline import DONE, Run, stage
 from tests.conftest import TINY_RUN, selfimprove
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ import torch
 from omegaconf import OmegaConf
 
 from selfimprove.app import run
+from selfimprove.engine.registry import ConfigError
 from selfimprove.generation import hf, resolve_backend
 from selfimprove.models import build_tiny, load_model
-from selfimprove.registry import ConfigError
 from tests.conftest import compose_cfg, selfimprove
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from selfimprove.app import run
-from selfimprove.pipeline import DONE, read_jsonl
-from selfimprove.registry import ConfigError
+from selfimprove.engine.pipeline import DONE, read_jsonl
+from selfimprove.engine.registry import ConfigError
 from tests.conftest import complete_checkpoint, compose_cfg, kill_when, selfimprove
 
 pytestmark = pytest.mark.slow

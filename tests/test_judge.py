@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from selfimprove.pipeline import Artifact, read_jsonl, write_jsonl
-from selfimprove.preference import best_vs_worst, pair_metrics, spin_pairs
-from selfimprove.registry import ConfigError
-from selfimprove.scoring.judge import JUDGES, Judge, agreement, get_judge
+from selfimprove.engine.pipeline import Artifact, read_jsonl, write_jsonl
+from selfimprove.engine.registry import ConfigError
+from selfimprove.methods.self_rewarding.judge import JUDGES, Judge, agreement, get_judge
+from selfimprove.stages.preference import best_vs_worst, pair_metrics, spin_pairs
 from selfimprove.tasks import spec
 from tests.conftest import compose_cfg
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from selfimprove import tasks
+from selfimprove.engine.pipeline import Artifact, plain, read_jsonl, write_jsonl
 from selfimprove.methods.length_gen import self_labels
-from selfimprove.pipeline import Artifact, plain, read_jsonl, write_jsonl
 from tests.conftest import compose_cfg, selfimprove
 
 

@@ -15,8 +15,8 @@ import json
 import pytest
 
 from selfimprove.app import run
+from selfimprove.engine.registry import ConfigError
 from selfimprove.methods import METHODS
-from selfimprove.registry import ConfigError
 from tests.conftest import MATRIX_DIR, compose_cfg
 
 pytestmark = pytest.mark.slow

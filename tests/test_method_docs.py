@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-#: `methods/star.py:iteration_steps`, `pipeline.py:Run.iterations`, `scoring/judge.py:JUDGES`
+#: `methods/star.py:iteration_steps`, `engine/pipeline.py:Run.iterations`, `methods/self_rewarding/judge.py:JUDGES`
 REFERENCE = re.compile(r"`((?:selfimprove/)?[\w/]+\.py):([\w.]+)`")
 
 

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from selfimprove.balance import (
+from selfimprove.engine.registry import ConfigError
+from selfimprove.methods.bstar.balance import (
     balance_of,
     balance_terms,
     exploit_factor,
@@ -16,7 +17,6 @@ from selfimprove.balance import (
     selected,
     with_scores,
 )
-from selfimprove.evaluation import accuracy
 from selfimprove.metrics import (
     auroc,
     balance_score,
@@ -29,7 +29,7 @@ from selfimprove.metrics import (
     reward_at_k_s,
     self_certainty,
 )
-from selfimprove.registry import ConfigError
+from selfimprove.stages.evaluation import accuracy
 from selfimprove.tasks.arithmetic import extract_answer
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from selfimprove.engine.registry import ConfigError
 from selfimprove.models import build_tiny, char_tokenizer
-from selfimprove.registry import ConfigError
 from tests.conftest import compose_cfg
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from selfimprove.pipeline import read_jsonl
+from selfimprove.engine.pipeline import read_jsonl
 from tests.conftest import kill_when, selfimprove
 from tests.test_sweep_status import SMALL
 

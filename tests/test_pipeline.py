@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from selfimprove import data, pipeline, tasks
-from selfimprove.errors import StageFailed
-from selfimprove.pipeline import DONE, STAGES, Run, StopRequested, read_jsonl, stage
-from selfimprove.registry import ConfigError
+from selfimprove import tasks
+from selfimprove.engine import pipeline
+from selfimprove.engine.errors import StageFailed
+from selfimprove.engine.pipeline import DONE, STAGES, Run, StopRequested, read_jsonl, stage
+from selfimprove.engine.registry import ConfigError
+from selfimprove.stages import data
 from tests.conftest import compose_cfg
 
 CALLS: list[str] = []
@@ -206,9 +208,9 @@ def prompts_stage(run: Run, fn) -> pipeline.Artifact:
 
 
 def test_a_moved_and_renamed_stage_keeps_its_fingerprint_and_its_done_run(tmp_path, monkeypatch):
-    """data.py copied into another module, its task_prompts renamed: a finished run still counts as
+    """stages/data.py copied into another module, its task_prompts renamed: a finished run still counts as
     done (0 stages computed), because the fingerprint holds the name 'task_prompts', not
-    selfimprove.data.task_prompts."""
+    selfimprove.stages.data.task_prompts."""
     with quiet_run(tmp_path / "run") as run:
         before = prompts_stage(run, data.task_prompts)
     assert run.counts["computed"] == 1
@@ -243,7 +245,9 @@ def test_a_new_stage_version_recomputes(tmp_path, monkeypatch):
 
 
 def test_stage_names_are_unique_and_required(tmp_path):
-    with pytest.raises(ValueError, match="stage name 'task_prompts' is already used by selfimprove.data"):
+    with pytest.raises(
+        ValueError, match="stage name 'task_prompts' is already used by selfimprove.stages.data"
+    ):
 
         @stage(name="task_prompts")
         def other_prompts(out: Path) -> dict:

@@ -13,9 +13,9 @@ from omegaconf import OmegaConf
 
 from selfimprove.app import CONF_DIR, plan
 from selfimprove.cli import main
+from selfimprove.engine.registry import ConfigError
 from selfimprove.memory import format_bytes, training_peak
 from selfimprove.preflight import arch_of, estimates
-from selfimprove.registry import ConfigError
 from tests.conftest import TINY_RUN, compose_cfg, selfimprove
 
 README = Path(__file__).resolve().parent.parent / "README.md"

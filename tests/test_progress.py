@@ -11,12 +11,12 @@ from collections import Counter
 import pytest
 from omegaconf import OmegaConf
 
-from selfimprove import progress
+from selfimprove.engine import progress
+from selfimprove.engine.pipeline import read_jsonl
+from selfimprove.engine.report import table_data
+from selfimprove.engine.tracking import offline_history, offline_records
 from selfimprove.generation import sample
 from selfimprove.models import build_tiny
-from selfimprove.pipeline import read_jsonl
-from selfimprove.report import table_data
-from selfimprove.tracking import offline_history, offline_records
 from tests.conftest import TINY_RUN, compose_cfg, selfimprove
 
 LINE = re.compile(r"^  (\w+) (\d+)/(\d+) (\w+) \((\d+)%\)")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from selfimprove.app import run
-from selfimprove.data import keep_correct
-from selfimprove.pipeline import DONE, Artifact, read_jsonl, write_jsonl
+from selfimprove.engine.pipeline import DONE, Artifact, read_jsonl, write_jsonl
+from selfimprove.stages.data import keep_correct
 from tests.conftest import TINY_RUN, compose_cfg
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from selfimprove.app import CONF_DIR
-from selfimprove.pipeline import write_jsonl
-from selfimprove.registry import ConfigError
-from selfimprove.report import at_iteration, report, resolve_iteration
+from selfimprove.engine.pipeline import write_jsonl
+from selfimprove.engine.registry import ConfigError
+from selfimprove.engine.report import at_iteration, report, resolve_iteration
 from tests.conftest import compose_cfg
 from tests.latex_check import compile_problems, parse_problems
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from selfimprove.pipeline import DONE, Artifact, read_jsonl
+from selfimprove.engine.pipeline import DONE, Artifact, read_jsonl
 from tests.conftest import TINY_RUN, complete_checkpoint, compose_cfg, kill_when, selfimprove
 
 pytestmark = pytest.mark.slow

@@ -459,7 +459,7 @@ def test_guarded_mode_still_kills():
 
 
 def test_bad_sandbox_config_is_a_one_line_error():
-    from selfimprove.registry import ConfigError
+    from selfimprove.engine.registry import ConfigError
 
     with pytest.raises(ConfigError, match="isolation='docker'"):
         sandbox.limits_from({**LIMITS.__dict__, "isolation": "docker"})

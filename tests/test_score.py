@@ -11,17 +11,17 @@ import pytest
 import torch
 
 from selfimprove.app import run
-from selfimprove.pipeline import DONE, read_jsonl
-from selfimprove.registry import ConfigError
-from selfimprove.report import report
-from selfimprove.tasks import load, spec
-from selfimprove.training.score import (
+from selfimprove.engine.pipeline import DONE, read_jsonl
+from selfimprove.engine.registry import ConfigError
+from selfimprove.engine.report import report
+from selfimprove.methods.score.two_turn_rl import (
     TokenBeta,
     first_attempt,
     token_advantages,
     turn_advantages,
     turn_rewards,
 )
+from selfimprove.tasks import load, spec
 from tests.conftest import compose_cfg
 
 SMALL = [
@@ -91,9 +91,9 @@ def test_stage1_kl_holds_attempt_one_with_beta2(tmp_path):
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from selfimprove.methods.score.two_turn_rl import score_trainer_class
     from selfimprove.models import build_tiny
     from selfimprove.training.grpo import grpo_config
-    from selfimprove.training.score import score_trainer_class
 
     cfg = OmegaConf.to_container(compose_cfg(["method=score"]), resolve=True)
     build_tiny(cfg["model"], tmp_path, seed=0)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from selfimprove.app import run
-from selfimprove.pipeline import read_jsonl
-from selfimprove.registry import ConfigError
+from selfimprove.engine.pipeline import read_jsonl
+from selfimprove.engine.registry import ConfigError
 from tests.conftest import compose_cfg
 
 pytestmark = pytest.mark.slow

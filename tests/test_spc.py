@@ -11,9 +11,9 @@ import random
 import pytest
 
 from selfimprove.app import plan, run
-from selfimprove.pipeline import DONE, Artifact, read_jsonl, write_jsonl
-from selfimprove.registry import ConfigError
-from selfimprove.selfplay import UNPARSEABLE, game_data, outcome, parse_verdict
+from selfimprove.engine.pipeline import DONE, Artifact, read_jsonl, write_jsonl
+from selfimprove.engine.registry import ConfigError
+from selfimprove.methods.spc.selfplay import UNPARSEABLE, game_data, outcome, parse_verdict
 from selfimprove.tasks import load
 from selfimprove.tasks.arithmetic import WRONG_STEP_KINDS, first_error, rationale, steps, wrong_step
 from tests.conftest import compose_cfg, kill_when, selfimprove

@@ -10,7 +10,7 @@ import pytest
 
 from selfimprove import tasks
 from selfimprove.app import run
-from selfimprove.pipeline import DONE, read_jsonl
+from selfimprove.engine.pipeline import DONE, read_jsonl
 from tests.conftest import compose_cfg, kill_when, selfimprove
 
 pytestmark = pytest.mark.slow

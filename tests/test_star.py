@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from selfimprove.app import run
-from selfimprove.pipeline import read_jsonl
+from selfimprove.engine.pipeline import read_jsonl
 from tests.conftest import compose_cfg
 
 pytestmark = [pytest.mark.slow, pytest.mark.longest]

@@ -10,8 +10,8 @@ import os
 import time
 from pathlib import Path
 
-from selfimprove.pipeline import DONE, Run, read_jsonl, stage
-from selfimprove.store import Store
+from selfimprove.engine.pipeline import DONE, Run, read_jsonl, stage
+from selfimprove.engine.store import Store
 
 
 @stage(name="slow_number")

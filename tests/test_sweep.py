@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from selfimprove.pipeline import DONE, read_jsonl
-from selfimprove.tracking import offline_records
+from selfimprove.engine.pipeline import DONE, read_jsonl
+from selfimprove.engine.tracking import offline_records
 from tests.conftest import kill_when, selfimprove
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from selfimprove import tasks
-from selfimprove.pipeline import plain
-from selfimprove.registry import ConfigError
+from selfimprove.engine.pipeline import plain
+from selfimprove.engine.registry import ConfigError
 from tests.conftest import compose_cfg
 
 
@@ -257,9 +257,9 @@ def test_score_math_two_turn_warm_start_data(tmp_path):
     """experiment=score_math's warm-start data stages on local MATH files: every gold solution is
     kept, and the two-turn examples pair a wrong (or right) attempt plus SCoRe's instruction with
     the gold solution."""
-    from selfimprove.data import seed_data
-    from selfimprove.episodes import two_turn_seed_data
-    from selfimprove.pipeline import Run, read_jsonl
+    from selfimprove.engine.pipeline import Run, read_jsonl
+    from selfimprove.stages.data import seed_data
+    from selfimprove.stages.episodes import two_turn_seed_data
 
     data = write_jsonl(tmp_path / "math.jsonl", MATH_ROWS)
     train = write_jsonl(tmp_path / "train.jsonl", reworded(MATH_ROWS))

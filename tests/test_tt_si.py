@@ -10,9 +10,14 @@ import math
 import pytest
 
 from selfimprove.app import run
+from selfimprove.engine.pipeline import DONE, read_jsonl
+from selfimprove.methods.tt_si.testtime import (
+    candidate_margins,
+    fine_tune,
+    lora_model,
+    relative_softmax_margin,
+)
 from selfimprove.models import build_tiny
-from selfimprove.pipeline import DONE, read_jsonl
-from selfimprove.testtime import candidate_margins, fine_tune, lora_model, relative_softmax_margin
 from tests.conftest import compose_cfg
 
 pytestmark = pytest.mark.slow

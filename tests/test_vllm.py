@@ -17,9 +17,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from selfimprove.engine.pipeline import read_jsonl
 from selfimprove.generation import hf
 from selfimprove.models import build_tiny, char_tokenizer
-from selfimprove.pipeline import read_jsonl
 from tests.conftest import TINY_RUN, compose_cfg, selfimprove
 
 pytestmark = [
@@ -203,7 +203,7 @@ def test_star_run_end_to_end_with_generator_vllm(tmp_path):
 def test_an_engine_that_cannot_start_is_one_line_naming_the_model_and_the_fixes(setup, tmp_path):
     """A model folder without its weights: vLLM refuses to start, and the stage says so in one line
     (RunError: the pipeline prints it as `<stage>: <line>`) instead of a worker's traceback."""
-    from selfimprove.errors import RunError
+    from selfimprove.engine.errors import RunError
 
     broken = tmp_path / "broken"
     shutil.copytree(setup["base"] / "model", broken / "model")

@@ -15,9 +15,9 @@ import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
-from selfimprove import progress
-from selfimprove.pipeline import Artifact, read_jsonl, stage, write_jsonl
-from selfimprove.registry import ConfigError, Registry
+from selfimprove.engine import progress
+from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_jsonl
+from selfimprove.engine.registry import ConfigError, Registry
 
 BACKENDS = Registry(
     "generator backend",

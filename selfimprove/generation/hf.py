@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from selfimprove.engine.pipeline import Artifact
 from selfimprove.generation import cut_at_stop, output_records
 from selfimprove.models import load_model, model_meta, prompt_texts
-from selfimprove.pipeline import Artifact
 
 
 def generate(

@@ -23,10 +23,10 @@ from pathlib import Path
 from queue import Empty
 from typing import Any
 
-from selfimprove.errors import RunError
+from selfimprove.engine.errors import RunError
+from selfimprove.engine.pipeline import Artifact
 from selfimprove.generation import output_records
 from selfimprove.models import model_location, model_meta, prompt_texts, resolve_device
-from selfimprove.pipeline import Artifact
 
 
 def generate(

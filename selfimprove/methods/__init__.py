@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from selfimprove.registry import Registry
+from selfimprove.engine.registry import Registry
 
 METHODS = Registry(
     "method",

@@ -7,15 +7,15 @@ from collections.abc import Callable
 from omegaconf import DictConfig
 
 from selfimprove import tasks
-from selfimprove.data import seed_data
-from selfimprove.episodes import two_turn_eval, two_turn_seed_data
-from selfimprove.evaluation import evaluate
+from selfimprove.engine.pipeline import Artifact, Iteration, Run
 from selfimprove.models import init_model
-from selfimprove.pipeline import Artifact, Iteration, Run
+from selfimprove.stages.data import seed_data
+from selfimprove.stages.episodes import two_turn_eval, two_turn_seed_data
+from selfimprove.stages.evaluation import evaluate
 from selfimprove.tasks import Need
 from selfimprove.training import sft
 
-#: the monitor stage (monitoring.py) reads answers for one of its numbers
+#: the monitor stage (stages/monitoring.py) reads answers for one of its numbers
 MONITOR_NEEDS = [
     Need("extract", "the monitor's explore/distinct_answers", without="explore/distinct_answers is left out")
 ]

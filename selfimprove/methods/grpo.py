@@ -18,9 +18,9 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from selfimprove import tasks
-from selfimprove.data import task_prompts
+from selfimprove.engine.pipeline import Run
 from selfimprove.methods.common import held_out_eval, warm_start, warm_start_needs
-from selfimprove.pipeline import Run
+from selfimprove.stages.data import task_prompts
 from selfimprove.tasks import Need
 from selfimprove.training.grpo import check_rl
 from selfimprove.training.grpo import grpo as grpo_stage

@@ -20,12 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from selfimprove import tasks
 from selfimprove.config import Curriculum
-from selfimprove.data import seed_data, task_prompts
-from selfimprove.evaluation import evaluate
+from selfimprove.engine.pipeline import Artifact, Run, read_jsonl, stage, write_jsonl
+from selfimprove.engine.registry import ConfigError
 from selfimprove.generation import generate
 from selfimprove.models import init_model
-from selfimprove.pipeline import Artifact, Run, read_jsonl, stage, write_jsonl
-from selfimprove.registry import ConfigError
+from selfimprove.stages.data import seed_data, task_prompts
+from selfimprove.stages.evaluation import evaluate
 from selfimprove.tasks import Need
 from selfimprove.training import sft
 

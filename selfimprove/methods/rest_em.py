@@ -14,13 +14,13 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from selfimprove import tasks
-from selfimprove.data import keep_correct, task_prompts
+from selfimprove.engine.pipeline import Run
 from selfimprove.generation import generate
 from selfimprove.methods.common import MONITOR_NEEDS, held_out_eval, warm_start, warm_start_needs
-from selfimprove.monitoring import monitor
-from selfimprove.pipeline import Run
-from selfimprove.scoring import score
+from selfimprove.scoring import verify
 from selfimprove.scoring.certainty import certainty
+from selfimprove.stages.data import keep_correct, task_prompts
+from selfimprove.stages.monitoring import monitor
 from selfimprove.tasks import Need
 from selfimprove.training import sft
 
@@ -53,7 +53,7 @@ def rest_em(cfg: DictConfig, run: Run) -> None:
             hardware=hw,
             seed=seed,
         )
-        scored = it.stage("score", score, samples=samples, dataset=dataset)
+        scored = it.stage("score", verify, samples=samples, dataset=dataset)
         certain = it.stage("certainty", certainty, model=model, scored=scored, hardware=hw)
         data = it.stage(
             "build",

@@ -21,12 +21,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from selfimprove import tasks
-from selfimprove.episodes import by_level, correct, episode_metrics, start, take_turn
+from selfimprove.engine.pipeline import Artifact, Run, read_jsonl, stage, write_json_atomic, write_jsonl
+from selfimprove.engine.registry import ConfigError
 from selfimprove.generation import sample
 from selfimprove.methods.common import warm_start, warm_start_needs
 from selfimprove.metrics import fraction
-from selfimprove.pipeline import Artifact, Run, read_jsonl, stage, write_json_atomic, write_jsonl
-from selfimprove.registry import ConfigError
+from selfimprove.stages.episodes import by_level, correct, episode_metrics, start, take_turn
 from selfimprove.tasks import Need
 
 # self: the paper's; oracle_upper_bound: the test answer decides (never refines a right answer)

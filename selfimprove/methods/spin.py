@@ -13,10 +13,10 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from selfimprove import tasks
+from selfimprove.engine.pipeline import Run
 from selfimprove.generation import generate
 from selfimprove.methods.common import held_out_eval, warm_start, warm_start_needs
-from selfimprove.pipeline import Run
-from selfimprove.preference import sft_prompts, spin_pairs
+from selfimprove.stages.preference import sft_prompts, spin_pairs
 from selfimprove.tasks import Need
 from selfimprove.training.dpo import dpo
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from selfimprove import tasks
-from selfimprove.data import hint_prompts, keep_correct, task_prompts
+from selfimprove.engine.pipeline import Run
 from selfimprove.generation import generate
 from selfimprove.methods.common import MONITOR_NEEDS, held_out_eval, warm_start, warm_start_needs
-from selfimprove.monitoring import monitor
-from selfimprove.pipeline import Run
-from selfimprove.scoring import score
+from selfimprove.scoring import verify
 from selfimprove.scoring.certainty import certainty
+from selfimprove.stages.data import hint_prompts, keep_correct, task_prompts
+from selfimprove.stages.monitoring import monitor
 from selfimprove.tasks import Need
 from selfimprove.training import sft
 
@@ -63,7 +63,7 @@ def star(cfg: DictConfig, run: Run) -> None:
             hardware=hw,
             seed=seed,
         )
-        scored = [it.stage("score", score, samples=samples, dataset=dataset)]
+        scored = [it.stage("score", verify, samples=samples, dataset=dataset)]
         certain = it.stage("certainty", certainty, model=model, scored=scored[0], hardware=hw)
         if m.rationalize:
             hinted = it.stage("hint_prompts", hint_prompts, scored=scored[0], dataset=dataset)
@@ -77,7 +77,7 @@ def star(cfg: DictConfig, run: Run) -> None:
                 hardware=hw,
                 seed=seed,
             )
-            scored.append(it.stage("rationalize_score", score, samples=rationales, dataset=dataset))
+            scored.append(it.stage("rationalize_score", verify, samples=rationales, dataset=dataset))
         found = (found if m.accumulate else []) + scored
         data = it.stage(
             "build",

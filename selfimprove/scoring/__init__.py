@@ -6,12 +6,13 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from selfimprove import progress, tasks
+from selfimprove import tasks
+from selfimprove.engine import progress
+from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_jsonl
 from selfimprove.metrics import fraction
-from selfimprove.pipeline import Artifact, read_jsonl, stage, write_jsonl
 
 
-def score_records(task: tasks.Task, records: list[dict]) -> list[dict]:
+def verify_records(task: tasks.Task, records: list[dict]) -> list[dict]:
     """Records with ``reward`` filled in; a verifier that cannot judge leaves None."""
     rewards = task.reward(
         prompts=[r["prompt"] for r in records],
@@ -22,14 +23,14 @@ def score_records(task: tasks.Task, records: list[dict]) -> list[dict]:
     return [{**r, "reward": rw} for r, rw in zip(records, rewards)]
 
 
-def score_in_chunks(task: tasks.Task, records: list[dict], advance: Callable[[int], None]) -> list[dict]:
-    """:func:`score_records` a twentieth at a time, so that a slow verifier (the code sandbox) shows
+def verify_in_chunks(task: tasks.Task, records: list[dict], advance: Callable[[int], None]) -> list[dict]:
+    """:func:`verify_records` a twentieth at a time, so that a slow verifier (the code sandbox) shows
     progress; a chunk stays large enough for the verifier's own parallel workers."""
     size = max(64, -(-len(records) // 20))
     scored: list[dict] = []
     advance(0)  # the bar shows during the first chunk too
     for start in range(0, len(records), size):
-        scored += score_records(task, records[start : start + size])
+        scored += verify_records(task, records[start : start + size])
         advance(len(records[start : start + size]))
     return scored
 
@@ -49,10 +50,10 @@ def coverage(records: list[dict]) -> dict:
 
 
 @stage(name="score", version=1)
-def score(out: Path, samples: Artifact, dataset: dict) -> dict:
+def verify(out: Path, samples: Artifact, dataset: dict) -> dict:
     """Stage: verify every sample; writes scored.jsonl."""
     records = read_jsonl(samples.file("samples.jsonl"))
     with progress.bar("score", len(records), "samples") as advance:
-        scored = score_in_chunks(tasks.load(dataset), records, advance)
+        scored = verify_in_chunks(tasks.load(dataset), records, advance)
     write_jsonl(out / "scored.jsonl", scored)
     return coverage(scored)

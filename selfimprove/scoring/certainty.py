@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from selfimprove import progress
+from selfimprove.engine import progress
+from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_jsonl
 from selfimprove.metrics import fraction, self_certainty
 from selfimprove.models import load_model, model_meta, prompt_texts
-from selfimprove.pipeline import Artifact, read_jsonl, stage, write_jsonl
 
 
 def log_likelihood(logits, ids: list[int]) -> float:

@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from selfimprove.registry import ConfigError
+from selfimprove.engine.registry import ConfigError
 
 LAUNCHER = Path(__file__).with_name("_launcher.py")
 ISOLATIONS = ("auto", "namespaces", "guarded")
@@ -89,7 +89,7 @@ class SandboxResult:
 
 def limits_from(cfg: dict | None) -> Limits:
     """Limits from a config node; an unknown key or isolation is a one-line error."""
-    from selfimprove.pipeline import plain
+    from selfimprove.engine.pipeline import plain
 
     cfg = plain(cfg or {})
     allowed = set(Limits.__dataclass_fields__)

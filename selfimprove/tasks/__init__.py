@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from selfimprove.registry import ConfigError, Registry
+from selfimprove.engine.registry import ConfigError, Registry
 from selfimprove.tasks.base import CAPABILITIES, Task
 
 TASKS = Registry(
@@ -28,7 +28,7 @@ TASKS = Registry(
 def spec(dataset: dict) -> dict:
     """The dataset config plus the task's code version: what stages that read the task receive,
     so that a changed prompt format or verifier changes their fingerprints."""
-    from selfimprove.pipeline import plain
+    from selfimprove.engine.pipeline import plain
 
     task, settings = TASKS.get(dataset["name"]), plain(dataset)
     task.check(settings)
@@ -63,7 +63,7 @@ def has(dataset: dict, capability: str) -> bool:
 def check_needs(method: str, dataset: dict, needs: list[Need]) -> list[str]:
     """Refuse (ConfigError, one line) a method whose required capabilities the dataset lacks, naming
     the datasets that have them; return one note per optional capability it lacks."""
-    from selfimprove.pipeline import plain
+    from selfimprove.engine.pipeline import plain
 
     dataset = plain(dataset)
     lacking = TASKS.get(dataset["name"]).lacking(dataset)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import re
 
-from selfimprove.registry import ConfigError
+from selfimprove.engine.registry import ConfigError
 from selfimprove.tasks.base import Task
 
 ANSWER = re.compile(r"ans (\d+)")

@@ -23,7 +23,7 @@ import functools
 import hashlib
 import re
 
-from selfimprove.registry import ConfigError, unknown_choice
+from selfimprove.engine.registry import ConfigError, unknown_choice
 from selfimprove.tasks.base import Task
 from selfimprove.tasks.hf_math import (
     VERIFY_INSTRUCTION,

@@ -22,7 +22,7 @@ import random
 import re
 from pathlib import Path
 
-from selfimprove.registry import ConfigError
+from selfimprove.engine.registry import ConfigError
 from selfimprove.scoring.mathverify import end_of_last_boxed, final_answer, last_boxed, math_rewards
 from selfimprove.tasks.base import Task
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import re
 
-from selfimprove.registry import ConfigError
+from selfimprove.engine.registry import ConfigError
 from selfimprove.tasks.arithmetic import distinct_problems, operands, test_count, with_twins
 from selfimprove.tasks.base import Task
 

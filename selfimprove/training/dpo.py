@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_json_atomic
+from selfimprove.engine.registry import ConfigError
 from selfimprove.models import load_model, uses_chat_template
-from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
-from selfimprove.registry import ConfigError
 from selfimprove.training.launch import accelerated, launched
 from selfimprove.training.sft import lora_config, quiet_trainer, save_trained, train_resuming, trainer_args
 

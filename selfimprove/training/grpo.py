@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from selfimprove import tasks
+from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_json_atomic
+from selfimprove.engine.registry import ConfigError
 from selfimprove.models import load_model, uses_chat_template
-from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
-from selfimprove.registry import ConfigError
 from selfimprove.training.launch import accelerated, launched
 from selfimprove.training.sft import (
     checkpointing_args,

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from selfimprove.registry import ConfigError, unknown_choice
+from selfimprove.engine.registry import ConfigError, unknown_choice
 
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate"
 LAUNCHED = "SELFIMPROVE_LAUNCHED"  # set in the launched processes, so a stage does not launch again

@@ -20,10 +20,10 @@ import json
 import shutil
 from pathlib import Path
 
-from selfimprove import progress
-from selfimprove.errors import RunError
+from selfimprove.engine import progress
+from selfimprove.engine.errors import RunError
+from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_json_atomic
 from selfimprove.models import load_model, resolve_device, uses_chat_template
-from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
 from selfimprove.training.launch import accelerated, batch_split, launched
 
 
@@ -198,7 +198,7 @@ def lora_config(lora: dict | None):
     from peft import LoraConfig
 
     from selfimprove.config import Lora
-    from selfimprove.registry import ConfigError
+    from selfimprove.engine.registry import ConfigError
 
     keys = sorted(f.name for f in fields(Lora))
     if not isinstance(lora, dict) or sorted(lora) != keys:

@@ -20,13 +20,13 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from selfimprove import tasks
-from selfimprove.data import task_prompts
+from selfimprove.engine.pipeline import Run
 from selfimprove.generation import generate
 from selfimprove.methods.common import held_out_eval, warm_start, warm_start_needs
-from selfimprove.pipeline import Run
-from selfimprove.preference import judged_pairs
-from selfimprove.scoring import score
-from selfimprove.scoring.judge import get_judge, judge_responses, judge_seed_data
+from selfimprove.methods.self_rewarding.judge import get_judge, judge_responses, judge_seed_data
+from selfimprove.scoring import verify
+from selfimprove.stages.data import task_prompts
+from selfimprove.stages.preference import judged_pairs
 from selfimprove.tasks import Need
 from selfimprove.training.dpo import dpo
 
@@ -68,7 +68,7 @@ def self_rewarding(cfg: DictConfig, run: Run) -> None:
             hardware=hw,
             seed=seed,
         )
-        scored = it.stage(f"{prefix}score", score, samples=samples, dataset=dataset)
+        scored = it.stage(f"{prefix}score", verify, samples=samples, dataset=dataset)
         judged = it.stage(
             f"{prefix}judge",
             judge_responses,

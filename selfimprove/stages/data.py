@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from selfimprove import tasks
-from selfimprove.pipeline import Artifact, read_jsonl, stage, write_jsonl
+from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_jsonl
 
 
 @stage(name="task_prompts", version=1)

@@ -1,4 +1,4 @@
-"""Self-play between a sneaky generator and a step critic (SPC, ``methods/spc.py``): the roles'
+"""Self-play between a sneaky generator and a step critic (SPC, ``methods/spc/__init__.py``): the roles'
 prompts and verdicts, the game's rewards, and the stages that play, build and evaluate a round."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from collections import Counter
 from pathlib import Path
 
 from selfimprove import tasks
+from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
 from selfimprove.generation import sample
 from selfimprove.metrics import by_prompt, fraction, maj_at_k
-from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
-from selfimprove.scoring import score_records
+from selfimprove.scoring import verify_records
 
 CRITIC = "critic"  # the critic's instruction after a solution; it answers a step index or "ok"
 UNPARSEABLE = "unparseable"
@@ -142,7 +142,7 @@ def bench_solutions(
     task = tasks.load(dataset)
     sets = task.test_sets()
     records = [r for level in levels for r in sets[str(level)]]
-    solutions = score_records(task, sample(model, records, sampling, generator, hardware, seed))
+    solutions = verify_records(task, sample(model, records, sampling, generator, hardware, seed))
     bench = [{**s, "completion": task.clean(s["completion"])} for s in solutions]
     bench = [{**s, "first_error": task.first_error(s, s["completion"])} for s in bench]
     write_jsonl(out / "bench.jsonl", bench)

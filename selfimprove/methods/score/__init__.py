@@ -19,15 +19,15 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from selfimprove import tasks
-from selfimprove.data import task_prompts
-from selfimprove.episodes import correction_data, sample_episodes
+from selfimprove.engine.pipeline import Run
+from selfimprove.engine.registry import ConfigError
 from selfimprove.methods.common import held_out_eval, warm_start, warm_start_needs
-from selfimprove.pipeline import Run
-from selfimprove.registry import ConfigError
+from selfimprove.methods.score.two_turn_rl import score_rl
+from selfimprove.stages.data import task_prompts
+from selfimprove.stages.episodes import correction_data, sample_episodes
 from selfimprove.tasks import Need
 from selfimprove.training import sft
 from selfimprove.training.grpo import check_rl
-from selfimprove.training.score import score_rl
 
 VARIANTS = ("base", "star_sft", "pair_sft", "score")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from selfimprove.pipeline import Artifact, write_json_atomic
+from selfimprove.engine.pipeline import Artifact, write_json_atomic
 
 STATE = "wandb_run.json"
 HISTORY = "log_history.json"  # written by every train stage (training/sft.save_trained)
@@ -115,7 +115,7 @@ class Tracker:
             return
         import wandb
 
-        from selfimprove.report import table_data
+        from selfimprove.engine.report import table_data
 
         header, data = table_data(root)
         self.emit({"report": wandb.Table(columns=header, data=data)})

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from selfimprove import tasks
+from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_json_atomic
 from selfimprove.metrics import exploitation, exploration
-from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic
-from selfimprove.scoring import score_records
+from selfimprove.scoring import verify_records
 
 
 @stage(name="monitor", version=1)
@@ -21,7 +21,7 @@ def monitor(out: Path, scored: Artifact, kept: Artifact, dataset: dict) -> dict:
     task = tasks.load(dataset)
     records = read_jsonl(scored.file("scored.jsonl"))
     generated = [r for r in read_jsonl(kept.file("train.jsonl")) if "sample" in r.get("meta", {})]
-    kept_rewards = [r["reward"] for r in score_records(task, generated) if r["reward"] is not None]
+    kept_rewards = [r["reward"] for r in verify_records(task, generated) if r["reward"] is not None]
     extract = task.extract if "extract" in task.capabilities else None  # else no distinct_answers
     metrics = {
         **exploration(records, extract, task.clean),

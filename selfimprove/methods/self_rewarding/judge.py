@@ -15,11 +15,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from selfimprove import progress, tasks
+from selfimprove import tasks
+from selfimprove.engine import progress
+from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
+from selfimprove.engine.registry import ConfigError, unknown_choice
 from selfimprove.generation import sample
 from selfimprove.metrics import fraction as mean  # eft_examples has a stage input named fraction
-from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
-from selfimprove.registry import ConfigError, unknown_choice
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,14 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from selfimprove import tasks
-from selfimprove.data import seed_data, task_prompts
+from selfimprove.engine.pipeline import Run
+from selfimprove.engine.registry import ConfigError
 from selfimprove.generation import generate
 from selfimprove.methods.common import held_out_eval
+from selfimprove.methods.spc.selfplay import bench_solutions, critic_eval, game_data, play, role_seed_data
 from selfimprove.models import init_model
-from selfimprove.pipeline import Run
-from selfimprove.registry import ConfigError
-from selfimprove.scoring import score
-from selfimprove.selfplay import bench_solutions, critic_eval, game_data, play, role_seed_data
+from selfimprove.scoring import verify
+from selfimprove.stages.data import seed_data, task_prompts
 from selfimprove.tasks import Need
 from selfimprove.training import sft
 
@@ -96,7 +96,7 @@ def spc(cfg: DictConfig, run: Run) -> None:
             critic=models["critic"],
             sneaky=models["sneaky"],
             solver=solver,
-            scored=it.stage("score", score, samples=solutions, dataset=dataset),
+            scored=it.stage("score", verify, samples=solutions, dataset=dataset),
             dataset=dataset,
             games=m.games,
             sneaky_sampling=m.sneaky,

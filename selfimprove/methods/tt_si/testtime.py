@@ -14,12 +14,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from selfimprove import tasks
+from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
+from selfimprove.engine.registry import ConfigError
 from selfimprove.generation import sample
 from selfimprove.metrics import fraction, majority
 from selfimprove.models import load_model, model_meta, prompt_texts
-from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
-from selfimprove.registry import ConfigError
-from selfimprove.scoring import score_records
+from selfimprove.scoring import verify_records
 
 # relative_softmax: the paper's (margin of the two likeliest candidate answers); agreement,
 # self_certainty: alternatives
@@ -147,7 +147,7 @@ def synthesize(
         "stop": [],
     }
     sampling["max_tokens"] = max(task.max_new_tokens(p) for p in problems)
-    drawn = score_records(task, sample(solver, problems, sampling, generator, hardware, seed))
+    drawn = verify_records(task, sample(solver, problems, sampling, generator, hardware, seed))
     by_problem = defaultdict(list)
     for r in drawn:
         by_problem[(r["meta"]["for_id"], r["id"])].append(r)
@@ -285,7 +285,7 @@ def adapt_and_answer(
         }
         for r in records
     ]
-    final = score_records(task, final)
+    final = verify_records(task, final)
     levels = defaultdict(list)
     for r in final:
         levels[str(r["meta"]["level"])].append(r["reward"] == 1.0)

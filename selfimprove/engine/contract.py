@@ -13,8 +13,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from selfimprove.registry import ConfigError
-from selfimprove.report import Column, build_table, columns_of, find_runs, labels
+from selfimprove.engine.registry import ConfigError
+from selfimprove.engine.report import Column, build_table, columns_of, find_runs, labels
 
 
 def expected_value(cell, tolerance: float) -> tuple[float, float]:

@@ -14,10 +14,10 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from selfimprove import tasks
+from selfimprove.engine.pipeline import Run
 from selfimprove.methods.common import warm_start, warm_start_needs
-from selfimprove.pipeline import Run
+from selfimprove.methods.tt_si.testtime import adapt_and_answer, synthesize, uncertainty
 from selfimprove.tasks import Need
-from selfimprove.testtime import adapt_and_answer, synthesize, uncertainty
 
 
 def needs(cfg: DictConfig) -> list[Need]:

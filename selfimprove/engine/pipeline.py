@@ -8,7 +8,7 @@ The contract (docs: DESIGN.md §2):
   fingerprint, so a change upstream changes every stage downstream.
 - A stage writes into ``<name>.partial/``, which is renamed to ``<name>/`` when the function
   returns; ``_DONE.json`` (fingerprint, times, counts, library versions, the size of every output
-  file) is written last, atomically and durably (selfimprove/markers.py). Only a folder whose
+  file) is written last, atomically and durably (selfimprove/engine/markers.py). Only a folder whose
   ``_DONE.json`` is whole, carries the expected fingerprint and whose files still have the sizes it
   lists counts as done; anything else is ``damaged`` and recomputed, said in one line.
 - Re-running the same command skips (loads) done stages and restarts the first unfinished one. A
@@ -18,7 +18,7 @@ The contract (docs: DESIGN.md §2):
   out loud) or refused (``on_change=refuse``).
 - ``metrics.jsonl`` is a view: each run rewrites the lines of the iterations it reaches from their
   stages' outputs, so a damaged or truncated one is rebuilt (:func:`read_metrics` reads what is whole).
-- With a ``store`` (selfimprove/store.py) a stage that another run already computed with the same
+- With a ``store`` (selfimprove/engine/store.py) a stage that another run already computed with the same
   fingerprint is linked into this run directory instead (event ``shared``), under the same contract.
 """
 
@@ -37,9 +37,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from selfimprove.errors import StageFailed, explain
-from selfimprove.markers import DONE, damage, outputs_of, read_marker, sync_folder, sync_tree
-from selfimprove.registry import ConfigError
+from selfimprove.engine.errors import StageFailed, explain
+from selfimprove.engine.markers import DONE, damage, outputs_of, read_marker, sync_folder, sync_tree
+from selfimprove.engine.registry import ConfigError
 
 EVENTS = "events.jsonl"
 METRICS = "metrics.jsonl"
@@ -259,7 +259,7 @@ class Run:
     log: Callable[[str], None] = print
     on_record: Callable[[dict], None] | None = None
     on_stage: Callable[[Artifact], None] | None = None  # each stage once done (computed, shared or reused)
-    store: Any = None  # a selfimprove.store.Store: stages with the same fingerprint are computed once
+    store: Any = None  # a selfimprove.engine.store.Store: stages with the same fingerprint are computed once
     neutral: frozenset[str] = frozenset()  # input keys left out of fingerprints (fingerprint_of)
     plan: list[StageStatus] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: {"computed": 0, "reused": 0, "shared": 0})

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from selfimprove import tasks
-from selfimprove.pipeline import Artifact, read_jsonl, stage
-from selfimprove.registry import ConfigError
+from selfimprove.engine.pipeline import Artifact, read_jsonl, stage
+from selfimprove.engine.registry import ConfigError
 from selfimprove.training.grpo import record_meta, train_rl
 from selfimprove.training.launch import accelerated
 

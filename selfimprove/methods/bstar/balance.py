@@ -15,11 +15,11 @@ import random
 from pathlib import Path
 
 from selfimprove import tasks
+from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
+from selfimprove.engine.registry import ConfigError
 from selfimprove.generation import sample
 from selfimprove.metrics import balance_score, by_prompt, fraction, pass_at_k_s, reward_at_k_s
-from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
-from selfimprove.registry import ConfigError
-from selfimprove.scoring import score_records
+from selfimprove.scoring import verify_records
 from selfimprove.scoring.certainty import certainties
 
 
@@ -99,7 +99,7 @@ def balance_search(
     n_max = max(search["n"])
     rows, tokens = [], 0
     for temperature in search["temperatures"]:
-        drawn = score_records(
+        drawn = verify_records(
             task,
             sample(
                 model,

@@ -18,11 +18,11 @@ import random
 from pathlib import Path
 
 from selfimprove import tasks
+from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
+from selfimprove.engine.registry import ConfigError
 from selfimprove.generation import sample
 from selfimprove.metrics import self_correction
-from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
-from selfimprove.registry import ConfigError
-from selfimprove.scoring import score_records
+from selfimprove.scoring import verify_records
 
 
 def start(record: dict) -> dict:
@@ -64,7 +64,7 @@ def take_turn(
         for e in episodes
     ]
     settings = sampling or greedy(task, max(records, key=lambda r: task.max_new_tokens(r)))
-    scored = score_records(task, sample(model, records, {**settings, "n": 1}, generator, hardware, seed))
+    scored = verify_records(task, sample(model, records, {**settings, "n": 1}, generator, hardware, seed))
     return [
         {
             **e,

@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from selfimprove.markers import damage, read_marker
-from selfimprove.pipeline import DONE, write_json_atomic
+from selfimprove.engine.markers import damage, read_marker
+from selfimprove.engine.pipeline import DONE, write_json_atomic
 
 
 def link_or_copy(src: str, dst: str) -> None:

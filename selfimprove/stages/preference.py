@@ -9,8 +9,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from selfimprove import tasks
+from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
 from selfimprove.metrics import fraction
-from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
 
 
 @stage(name="sft_prompts", version=1)

@@ -18,10 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfimprove.app import keys_outside_run_identity, metrics_from_stages
 from selfimprove.config import Better, ReportColumn
-from selfimprove.pipeline import METRICS, read_metrics, write_text_atomic
-from selfimprove.registry import ConfigError, unknown_choice
+from selfimprove.engine.pipeline import METRICS, read_metrics, write_text_atomic
+from selfimprove.engine.registry import ConfigError, unknown_choice
 
 FORMATS = {"md": "md", "latex": "tex", "csv": "csv"}
 # what follows a mean: the std over seeds, the standard error of the mean (std / sqrt(n)), nothing
@@ -90,6 +89,8 @@ def find_runs(path: Path) -> list[RunResult]:
     found = [p for p in found if not any(part.startswith(".") for part in p.relative_to(path).parts)]
     if not found:
         raise ConfigError(f"{path} holds no run directory (no {METRICS} or config.yaml at or below it)")
+    from selfimprove.app import keys_outside_run_identity  # the run-identity keys live in conf/
+
     runs = []
     # not a setting: the seed (averaged over) and keys that do not change results
     not_settings = keys_outside_run_identity() | {"seed", "hydra.sweep.dir"}
@@ -120,6 +121,8 @@ def metrics_of(run: Path) -> list[dict]:
     rows, problem = read_metrics(run / METRICS)
     if problem is None:
         return rows
+    from selfimprove.app import metrics_from_stages  # replays the run's method: the app's layer
+
     rebuilt = metrics_from_stages(run) if (run / "config.yaml").exists() else []
     print(
         f"note: {run}: {problem}; the report uses {len(rebuilt)} line(s) rebuilt from its stages' outputs"
