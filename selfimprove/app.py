@@ -80,9 +80,10 @@ def store_of(cfg: DictConfig, root: Path) -> Store | None:
 
 
 def context_of(cfg: DictConfig) -> dict:
-    """What every stage may take by parameter name without the method passing it (Run.context):
-    the generation backend, the hardware and the held-out evaluation's settings."""
-    return {"generator": cfg.generator, "hardware": cfg.hardware, "eval": cfg.eval}
+    """What every stage may require by parameter name without the method passing it (Run.context):
+    the generation backend and the hardware. (``eval`` is an option of the evaluate stage, with a
+    default: options are passed, never filled; methods/common.py:held_out_eval passes it.)"""
+    return {"generator": cfg.generator, "hardware": cfg.hardware}
 
 
 def plan(cfg: DictConfig, root: Path, replay: bool = False) -> Run:

@@ -14,7 +14,7 @@ The contract (docs: DESIGN.md §2):
 - Re-running the same command skips (loads) done stages and restarts the first unfinished one. A
   stage marked ``resumable`` keeps its ``.partial/`` folder across a kill so that it can continue
   from its own checkpoints; any other stage starts from an empty folder.
-- The run carries a ``context`` (generator, hardware, eval config, set once by app.py) and a base
+- The run carries a ``context`` (generator and hardware, set once by app.py) and a base
   ``seed``: a stage function whose signature requires one of those by name (no default) and whose
   call did not pass it gets it filled in (an iteration's stages get the iteration's seed). Filled
   inputs are hashed as if passed; an input equal to its parameter's default is left out of the
@@ -284,7 +284,7 @@ class Run:
     on_record: Callable[[dict], None] | None = None
     on_stage: Callable[[Artifact], None] | None = None  # each stage once done (computed, shared or reused)
     store: Any = None  # a selfimprove.store.Store: stages with the same fingerprint are computed once
-    # inputs any stage may require by name (app.py: generator, hardware, eval), filled when not passed
+    # inputs any stage may require by name (app.py: generator, hardware), filled when not passed
     context: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None  # the run's base seed: its stages' ``seed``; an iteration's is Iteration.seed
     neutral: frozenset[str] = frozenset()  # input keys left out of fingerprints (fingerprint_of)

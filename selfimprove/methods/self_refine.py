@@ -49,16 +49,9 @@ def self_refine(cfg: DictConfig, run: Run) -> None:
     _, model, _ = warm_start(cfg, run, dataset, two_turn_fraction=m.two_turn_fraction)
 
     for it in run.iterations(m.max_rounds):
+        # every round samples with the run's seed, not the iteration's: so finished runs keep their fingerprints
         if it.index == 1:
-            episodes = it.stage(
-                "draft",
-                draft,
-                model=model,
-                dataset=dataset,
-                generator=cfg.generator,
-                hardware=cfg.hardware,
-                seed=cfg.seed,
-            )
+            episodes = it.stage("draft", draft, model=model, dataset=dataset, seed=run.seed)
             run.record(it.index, episodes)
             continue
         episodes = it.stage(
@@ -70,9 +63,7 @@ def self_refine(cfg: DictConfig, run: Run) -> None:
             feedback=m.feedback,
             sampling=m.refine_sampling,
             critique_tokens=m.critique_tokens,
-            generator=cfg.generator,
-            hardware=cfg.hardware,
-            seed=cfg.seed,
+            seed=run.seed,
         )
         run.record(it.index, episodes)
 
