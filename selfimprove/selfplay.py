@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from selfimprove import tasks
+from selfimprove.episodes import greedy
 from selfimprove.generation import sample
 from selfimprove.metrics import by_prompt, fraction, maj_at_k
 from selfimprove.pipeline import Artifact, read_jsonl, stage, write_json_atomic, write_jsonl
@@ -169,8 +170,9 @@ def critic_eval(
     a random pick), ``bon/oracle`` (any sample right). Writes metrics.json and verdicts.jsonl."""
     task = tasks.load(dataset)
     items = read_jsonl(bench.file("bench.jsonl"))
-    greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": max_tokens, "stop": []}
-    judged = critique(task, critic, [(s, s["completion"]) for s in items], greedy, generator, hardware, seed)
+    judged = critique(
+        task, critic, [(s, s["completion"]) for s in items], greedy(max_tokens), generator, hardware, seed
+    )
     items = [{**s, "verdict": v[0][0], "critique": v[0][1]} for s, v in zip(items, judged)]
     wrong = [s for s in items if s["first_error"] is not None]
     right = [s for s in items if s["first_error"] is None]
@@ -261,12 +263,11 @@ def play(
         ";".join(task.steps(r["completion"])[:k] + [w]) + ";" for r, k, w in zip(correct, ks, rewrites)
     ]
     budget = max([task.max_new_tokens(r) for r in correct], default=1)
-    greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": budget, "stop": []}
     rests = (
         sample(
             solver,
             [{**r, "prompt": r["prompt"] + p} for r, p in zip(correct, prefixes)],
-            greedy,
+            greedy(budget),
             generator,
             hardware,
             seed,

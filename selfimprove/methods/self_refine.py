@@ -21,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from selfimprove import tasks
-from selfimprove.episodes import by_level, correct, episode_metrics, start, take_turn
+from selfimprove.episodes import by_level, correct, episode_metrics, greedy, start, take_turn
 from selfimprove.generation import sample
 from selfimprove.methods.common import warm_start, warm_start_needs
 from selfimprove.metrics import fraction
@@ -84,8 +84,7 @@ def critique(
         }
         for e in episodes
     ]
-    greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": budget, "stop": []}
-    out = sample(model, records, greedy, generator, hardware, seed)
+    out = sample(model, records, greedy(budget), generator, hardware, seed)
     verdicts = (task.feedback_ok, task.feedback_wrong)
     return [
         (o["completion"].strip() if o["completion"].strip() in verdicts else None, o["meta"]["tokens"])
