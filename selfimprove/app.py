@@ -79,6 +79,13 @@ def store_of(cfg: DictConfig, root: Path) -> Store | None:
     return Store(cfg.store_dir or root.parent / ".store") if cfg.store else None
 
 
+def context_of(cfg: DictConfig) -> dict:
+    """What every stage may require by parameter name without the method passing it (Run.context):
+    the generation backend and the hardware. (``eval`` is an option of the evaluate stage, with a
+    default: options are passed, never filled; methods/common.py:held_out_eval passes it.)"""
+    return {"generator": cfg.generator, "hardware": cfg.hardware}
+
+
 def plan(cfg: DictConfig, root: Path, replay: bool = False) -> Run:
     """Walk the method without computing anything: the list of stages and their states (done, in
     the store, pending, ...), with each stage's inputs for the preflight checks. ``replay``: also
@@ -90,6 +97,8 @@ def plan(cfg: DictConfig, root: Path, replay: bool = False) -> Run:
         replay=replay,
         on_change=str(cfg.on_change.value if hasattr(cfg.on_change, "value") else cfg.on_change),
         store=store_of(cfg, root),
+        context=context_of(cfg),
+        seed=cfg.seed,
     )
     METHODS.get(cfg.method.name)(cfg, planner)
     return planner
@@ -224,6 +233,8 @@ def run(cfg: DictConfig) -> list[dict]:
         neutral=planned.neutral,
         log=console.print,
         store=store,
+        context=planned.context,
+        seed=planned.seed,
     ) as r:
         refuse_changes(planned)  # the lock is held: from here on this process owns the run's records
         write_text_atomic(root / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

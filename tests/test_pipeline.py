@@ -258,3 +258,70 @@ def test_stage_names_are_unique_and_required(tmp_path):
 
     with quiet_run(tmp_path) as run, pytest.raises(TypeError, match="not a stage; mark it with @stage"):
         run.stage("x", unmarked)
+
+
+@stage(name="seeded")
+def seeded(out: Path, value: int, seed: int, hardware: dict) -> dict:
+    CALLS.append(f"seeded:{value}:{seed}:{hardware['dtype']}")
+    return {}
+
+
+def inputs_of(artifact: pipeline.Artifact) -> dict:
+    """What the stage function was called with, as its marker records it."""
+    return json.loads((artifact.path / DONE).read_text())["inputs"]
+
+
+def test_the_context_fills_what_a_stage_requires_and_explicit_values_win(tmp_path):
+    """A run stage gets the run's seed, an iteration's stage the iteration's (seed * 1000 + index),
+    hardware comes from the context; a value passed by the call wins; a context key the function
+    does not take (generator) is not passed. A filled input is hashed as if passed."""
+    context = {"hardware": {"dtype": "float32"}, "generator": {"backend": "hf"}}
+    with quiet_run(tmp_path / "run", context=context, seed=7) as run:
+        on_run = run.stage("s", seeded, value=1)
+        it = next(run.iterations(2))
+        on_iteration = it.stage("s", seeded, value=1)
+        explicit = it.stage("t", seeded, value=1, seed=5, hardware={"dtype": "bfloat16"})
+    assert CALLS == ["seeded:1:7:float32", "seeded:1:7001:float32", "seeded:1:5:bfloat16"]
+    assert it.seed == 7001
+    assert inputs_of(on_iteration) == {"value": 1, "seed": 7001, "hardware": context["hardware"]}
+    assert inputs_of(explicit)["seed"] == 5
+    with quiet_run(tmp_path / "plain") as bare:  # no context: the same inputs spelled out
+        spelled = bare.stage("s", seeded, value=1, seed=7, hardware=context["hardware"])
+    assert spelled.fingerprint == on_run.fingerprint != on_iteration.fingerprint
+
+
+def test_an_input_the_stage_lacks_is_refused_when_planned(tmp_path):
+    """Without a context nothing fills ``hardware``: the plan (not the first computation) says so."""
+    planner = quiet_run(tmp_path, plan_only=True, seed=7)
+    with pytest.raises(
+        TypeError, match=r"stage 'iter_01/s' \(.*seeded\): missing a required argument: 'hardware'"
+    ):
+        next(planner.iterations(1)).stage("s", seeded, value=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+        planner.stage("s", seeded, value=1, hardware={}, colour="red")
+    with pytest.raises(TypeError, match="this Run has no seed"):
+        _ = pipeline.Iteration(quiet_run(tmp_path), 1).seed
+
+
+def test_a_new_optional_parameter_keeps_finished_runs(tmp_path, monkeypatch):
+    """task_prompts gains ``shuffle: bool = False``: a run made before is still done (0 computed),
+    whether the call leaves shuffle out or passes its default; another value recomputes. An input
+    equal to its default counts only with the default's type (1 is not the default True)."""
+    monkeypatch.setattr(pipeline, "STAGES", dict(STAGES))
+    old = "def task_prompts(out: Path, dataset: dict, iteration: int) -> dict:"
+    source = Path(data.__file__).read_text()
+    assert old in source
+    new = old.replace("iteration: int)", "iteration: int, shuffle: bool = False)")
+    grown = load_copy(tmp_path / "grown_stages.py", source.replace(old, new)).task_prompts
+
+    with quiet_run(tmp_path / "run") as run:
+        before = prompts_stage(run, data.task_prompts)
+    dataset = tasks.spec(compose_cfg([]).dataset)
+    with quiet_run(tmp_path / "run") as run:
+        left_out = prompts_stage(run, grown)
+        at_default = run.stage("prompts", grown, dataset=dataset, iteration=1, shuffle=False)
+    assert before.fingerprint == left_out.fingerprint == at_default.fingerprint
+    assert run.counts == {"computed": 0, "reused": 2, "shared": 0}
+    other = pipeline.fingerprint_of(grown, {"dataset": dataset, "iteration": 1, "shuffle": True})
+    same_value_other_type = pipeline.fingerprint_of(grown, {"dataset": dataset, "iteration": 1, "shuffle": 0})
+    assert len({before.fingerprint, other, same_value_other_type}) == 3

@@ -8,17 +8,22 @@ The contract (docs: DESIGN.md §2):
   fingerprint, so a change upstream changes every stage downstream.
 - A stage writes into ``<name>.partial/``, which is renamed to ``<name>/`` when the function
   returns; ``_DONE.json`` (fingerprint, times, counts, library versions, the size of every output
-  file) is written last, atomically and durably (selfimprove/engine/markers.py). Only a folder whose
+  file) is written last, atomically and durably (selfimprove/markers.py). Only a folder whose
   ``_DONE.json`` is whole, carries the expected fingerprint and whose files still have the sizes it
   lists counts as done; anything else is ``damaged`` and recomputed, said in one line.
 - Re-running the same command skips (loads) done stages and restarts the first unfinished one. A
   stage marked ``resumable`` keeps its ``.partial/`` folder across a kill so that it can continue
   from its own checkpoints; any other stage starts from an empty folder.
+- The run carries a ``context`` (generator and hardware, set once by app.py) and a base
+  ``seed``: a stage function whose signature requires one of those by name (no default) and whose
+  call did not pass it gets it filled in (an iteration's stages get the iteration's seed). Filled
+  inputs are hashed as if passed; an input equal to its parameter's default is left out of the
+  fingerprint, so adding an optional parameter to a stage keeps every finished run.
 - A done stage whose fingerprint no longer matches is recomputed (``on_change=recompute``, said
   out loud) or refused (``on_change=refuse``).
 - ``metrics.jsonl`` is a view: each run rewrites the lines of the iterations it reaches from their
   stages' outputs, so a damaged or truncated one is rebuilt (:func:`read_metrics` reads what is whole).
-- With a ``store`` (selfimprove/engine/store.py) a stage that another run already computed with the same
+- With a ``store`` (selfimprove/store.py) a stage that another run already computed with the same
   fingerprint is linked into this run directory instead (event ``shared``), under the same contract.
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -179,14 +185,32 @@ def describe(value: Any, artifact: Callable[[Artifact], Any]) -> Any:
     return plain(value)
 
 
+def parameters(fn: Callable) -> dict[str, inspect.Parameter]:
+    """A stage function's inputs: its parameters after ``out``."""
+    return dict(list(inspect.signature(fn).parameters.items())[1:])
+
+
+def at_default(value: Any, param: inspect.Parameter | None) -> bool:
+    """Whether an (encoded) input equals its parameter's default, of the same type (so ``1`` is not
+    taken for a default ``True``)."""
+    if param is None or param.default is inspect.Parameter.empty:
+        return False
+    return type(value) is type(param.default) and value == param.default
+
+
 def fingerprint_of(fn: Callable, inputs: dict[str, Any], neutral: Iterable[str] = ()) -> str:
-    """The hash of the stage's registered name and version and its inputs. ``neutral``: dotted keys (``hardware.num_threads``) of inputs that do not change the result;
-    they are left out, so that resuming with other such settings reuses what was done."""
+    """The hash of the stage's registered name and version and its inputs. An input equal to its
+    parameter's default is left out, so that a stage may gain an optional parameter without
+    changing finished runs' fingerprints. ``neutral``: dotted keys (``hardware.num_threads``) of
+    inputs that do not change the result; they are left out, so that resuming with other such
+    settings reuses what was done."""
 
     def encode(v: Any) -> Any:
         return describe(v, lambda a: {"artifact": a.fingerprint})
 
+    params = parameters(fn)
     encoded = {k: encode(v) for k, v in sorted(inputs.items())}
+    encoded = {k: v for k, v in encoded.items() if not at_default(v, params.get(k))}
     for key in neutral:
         name, _, sub = key.partition(".")
         if sub and isinstance(encoded.get(name), dict):
@@ -260,6 +284,9 @@ class Run:
     on_record: Callable[[dict], None] | None = None
     on_stage: Callable[[Artifact], None] | None = None  # each stage once done (computed, shared or reused)
     store: Any = None  # a selfimprove.engine.store.Store: stages with the same fingerprint are computed once
+    # inputs any stage may require by name (app.py: generator, hardware), filled when not passed
+    context: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None  # the run's base seed: its stages' ``seed``; an iteration's is Iteration.seed
     neutral: frozenset[str] = frozenset()  # input keys left out of fingerprints (fingerprint_of)
     plan: list[StageStatus] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=lambda: {"computed": 0, "reused": 0, "shared": 0})
@@ -308,6 +335,24 @@ class Run:
             yield Iteration(self, index)
 
     def stage(self, name: str, fn: Callable, **inputs: Any) -> Artifact:
+        """Run (or plan, or skip) the stage ``name``: ``fn`` with ``inputs`` and the run's context."""
+        return self._stage(name, fn, self.filled(name, fn, inputs, self.seed))
+
+    def filled(self, name: str, fn: Callable, inputs: dict[str, Any], seed: int | None) -> dict[str, Any]:
+        """``inputs`` plus each context value (and ``seed``) that ``fn`` requires by name and the call
+        did not pass: explicit values win; a parameter with a default is an option, left at its
+        default when not passed. A missing or unknown input is refused here, at planning."""
+        context = {**self.context, **({} if seed is None else {"seed": seed})}
+        params = parameters(fn)
+        needed = {k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in inputs}
+        given = {k: v for k, v in context.items() if k in needed}
+        try:
+            inspect.signature(fn).bind(None, **given, **inputs)
+        except TypeError as err:
+            raise TypeError(f"stage '{name}' ({where(fn)}): {err}") from None
+        return {**given, **inputs}
+
+    def _stage(self, name: str, fn: Callable, inputs: dict[str, Any]) -> Artifact:
         if self._stopped_after is not None:  # raised here, not at once, so the method can record metrics
             raise StopRequested(self._stopped_after)
         fp = fingerprint_of(fn, inputs, self.neutral)
@@ -454,5 +499,15 @@ class Iteration:
     def prefix(self) -> str:
         return f"iter_{self.index:02d}"
 
+    @property
+    def seed(self) -> int:
+        """This iteration's seed: distinct per iteration, fixed by the run's seed."""
+        if self.run.seed is None:
+            raise TypeError("this Run has no seed; pass Run(..., seed=...) (app.py sets cfg.seed)")
+        return self.run.seed * 1000 + self.index
+
     def stage(self, name: str, fn: Callable, **inputs: Any) -> Artifact:
-        return self.run.stage(f"{self.prefix}/{name}", fn, **inputs)
+        """As :meth:`Run.stage`, under ``iter_NN/``, with this iteration's seed."""
+        name = f"{self.prefix}/{name}"
+        seed = self.seed if self.run.seed is not None else None
+        return self.run._stage(name, fn, self.run.filled(name, fn, inputs, seed))

@@ -9,13 +9,15 @@ from omegaconf import DictConfig
 from selfimprove import tasks
 from selfimprove.engine.pipeline import Artifact, Iteration, Run
 from selfimprove.models import init_model
+from selfimprove.scoring.certainty import certainty
 from selfimprove.stages.data import seed_data
 from selfimprove.stages.episodes import two_turn_eval, two_turn_seed_data
 from selfimprove.stages.evaluation import evaluate
+from selfimprove.stages.monitoring import monitor
 from selfimprove.tasks import Need
 from selfimprove.training import sft
 
-#: the monitor stage (stages/monitoring.py) reads answers for one of its numbers
+#: the monitor stage (monitoring.py) reads answers for one of its numbers
 MONITOR_NEEDS = [
     Need("extract", "the monitor's explore/distinct_answers", without="explore/distinct_answers is left out")
 ]
@@ -49,47 +51,45 @@ def warm_start(
     (``warmstart/two_turn``) and the evaluation is two-turn (``episodes.two_turn_eval``).
     ``augment(seeds)`` runs a stage that adds to the demonstrations (e.g. judge examples) and
     returns its artifact."""
-    m, hw = cfg.method, cfg.hardware
-    base = run.stage("init", init_model, model=cfg.model, seed=cfg.seed)
-    seeds = run.stage(
-        "warmstart/data", seed_data, dataset=dataset, hint_fraction=hint_fraction, seed=cfg.seed
-    )
+    m = cfg.method
+    base = run.stage("init", init_model, model=cfg.model)
+    seeds = run.stage("warmstart/data", seed_data, dataset=dataset, hint_fraction=hint_fraction)
     if two_turn_fraction is not None:
         seeds = run.stage(
-            "warmstart/two_turn",
-            two_turn_seed_data,
-            seeds=seeds,
-            dataset=dataset,
-            fraction=two_turn_fraction,
-            seed=cfg.seed,
+            "warmstart/two_turn", two_turn_seed_data, seeds=seeds, dataset=dataset, fraction=two_turn_fraction
         )
     if augment is not None:
         seeds = augment(seeds)
     if m.warmstart.steps == 0 or not tasks.has(dataset, "demonstrations"):
         model = base  # no warm start ("zero RL" from a base model, or nothing to learn from): M0 is the model
     else:
-        model = run.stage(
-            "warmstart/train", sft, model=base, data=seeds, train=m.warmstart, hardware=hw, seed=cfg.seed
-        )
+        model = run.stage("warmstart/train", sft, model=base, data=seeds, train=m.warmstart)
     evaluated = held_out_eval(
-        run, "warmstart/eval", cfg, model, dataset, cfg.seed, two_turn=two_turn_fraction is not None
+        run, "warmstart/eval", cfg, model, dataset, two_turn=two_turn_fraction is not None
     )
     run.record(0, evaluated)
     return seeds, model, evaluated
 
 
 def held_out_eval(
-    owner: Run | Iteration,
-    name: str,
-    cfg: DictConfig,
-    model: Artifact,
-    dataset: dict,
-    seed: int,
-    two_turn: bool = False,
+    owner: Run | Iteration, name: str, cfg: DictConfig, model: Artifact, dataset: dict, two_turn: bool = False
 ) -> Artifact:
     """The evaluation stage every method runs after each training stage (same inputs everywhere);
     ``two_turn`` (self-correction methods): two greedy attempts (``episodes.two_turn_eval``)."""
-    inputs = dict(model=model, dataset=dataset, generator=cfg.generator, hardware=cfg.hardware, seed=seed)
     if two_turn:
-        return owner.stage(name, two_turn_eval, **inputs)
-    return owner.stage(name, evaluate, **inputs, eval=cfg.eval)
+        return owner.stage(name, two_turn_eval, model=model, dataset=dataset)
+    return owner.stage(name, evaluate, model=model, dataset=dataset, eval=cfg.eval)
+
+
+def monitored(
+    it: Iteration,
+    model: Artifact,
+    scored: Artifact,
+    kept: Artifact,
+    dataset: dict,
+    certain: Artifact | None = None,
+) -> Artifact:
+    """The monitor stage (exploration / exploitation of an iteration's samples, monitoring.py), after
+    the self-certainty of the samples under the model that drew them (``certain`` when already run)."""
+    certain = certain or it.stage("certainty", certainty, model=model, scored=scored)
+    return it.stage("monitor", monitor, scored=certain, kept=kept, dataset=dataset)

@@ -32,23 +32,14 @@ def needs(cfg: DictConfig) -> list[Need]:
 
 
 def grpo(cfg: DictConfig, run: Run) -> None:
-    m, hw = cfg.method, cfg.hardware
+    m = cfg.method
     check_rl(m.train, m.rl)
     dataset = tasks.spec(cfg.dataset)
     _, model, _ = warm_start(cfg, run, dataset)
 
     for it in run.iterations(m.iterations):
-        seed = cfg.seed * 1000 + it.index
         prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
         model = it.stage(
-            "train",
-            grpo_stage,
-            model=model,
-            prompts=prompts,
-            dataset=dataset,
-            train=m.train,
-            rl=m.rl,
-            hardware=hw,
-            seed=seed,
+            "train", grpo_stage, model=model, prompts=prompts, dataset=dataset, train=m.train, rl=m.rl
         )
-        run.record(it.index, held_out_eval(it, "eval", cfg, model, dataset, seed), model)
+        run.record(it.index, held_out_eval(it, "eval", cfg, model, dataset), model)

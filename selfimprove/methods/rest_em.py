@@ -16,11 +16,9 @@ from omegaconf import DictConfig
 from selfimprove import tasks
 from selfimprove.engine.pipeline import Run
 from selfimprove.generation import generate
-from selfimprove.methods.common import MONITOR_NEEDS, held_out_eval, warm_start, warm_start_needs
+from selfimprove.methods.common import MONITOR_NEEDS, held_out_eval, monitored, warm_start, warm_start_needs
 from selfimprove.scoring import verify
-from selfimprove.scoring.certainty import certainty
 from selfimprove.stages.data import keep_correct, task_prompts
-from selfimprove.stages.monitoring import monitor
 from selfimprove.tasks import Need
 from selfimprove.training import sft
 
@@ -31,30 +29,19 @@ def needs(cfg: DictConfig) -> list[Need]:
 
 
 def rest_em(cfg: DictConfig, run: Run) -> None:
-    m, hw, gen = cfg.method, cfg.hardware, cfg.generator
+    m = cfg.method
     dataset = tasks.spec(cfg.dataset)
     seeds, base, _ = warm_start(cfg, run, dataset)
     model = base
 
     for it in run.iterations(m.iterations):
-        seed = cfg.seed * 1000 + it.index
         # the paper reuses one fixed training set every iteration
         prompts = it.stage(
             "prompts", task_prompts, dataset=dataset, iteration=1 if m.fixed_prompts else it.index
         )
         # E-step: sample, score, filter by reward threshold, cap per prompt
-        samples = it.stage(
-            "generate",
-            generate,
-            model=model,
-            prompts=prompts,
-            sampling=m.sampling,
-            generator=gen,
-            hardware=hw,
-            seed=seed,
-        )
+        samples = it.stage("generate", generate, model=model, prompts=prompts, sampling=m.sampling)
         scored = it.stage("score", verify, samples=samples, dataset=dataset)
-        certain = it.stage("certainty", certainty, model=model, scored=scored, hardware=hw)
         data = it.stage(
             "build",
             keep_correct,
@@ -62,16 +49,9 @@ def rest_em(cfg: DictConfig, run: Run) -> None:
             dataset=dataset,
             max_per_prompt=m.max_per_prompt,
             replay=seeds if m.replay_seed_data else None,
-            seed=seed,
             min_reward=m.reward_threshold,
         )
+        watched = monitored(it, model, scored, data, dataset)
         # M-step: fine-tune the base model, not the previous iterate
-        model = it.stage("train", sft, model=base, data=data, train=m.train, hardware=hw, seed=seed)
-        run.record(
-            it.index,
-            held_out_eval(it, "eval", cfg, model, dataset, seed),
-            samples,
-            scored,
-            data,
-            it.stage("monitor", monitor, scored=certain, kept=data, dataset=dataset),
-        )
+        model = it.stage("train", sft, model=base, data=data, train=m.train)
+        run.record(it.index, held_out_eval(it, "eval", cfg, model, dataset), samples, scored, data, watched)

@@ -26,7 +26,7 @@ from selfimprove.engine.registry import ConfigError
 from selfimprove.generation import sample
 from selfimprove.methods.common import warm_start, warm_start_needs
 from selfimprove.metrics import fraction
-from selfimprove.stages.episodes import by_level, correct, episode_metrics, start, take_turn
+from selfimprove.stages.episodes import by_level, correct, episode_metrics, greedy, start, take_turn
 from selfimprove.tasks import Need
 
 # self: the paper's; oracle_upper_bound: the test answer decides (never refines a right answer)
@@ -49,16 +49,9 @@ def self_refine(cfg: DictConfig, run: Run) -> None:
     _, model, _ = warm_start(cfg, run, dataset, two_turn_fraction=m.two_turn_fraction)
 
     for it in run.iterations(m.max_rounds):
+        # every round samples with the run's seed, not the iteration's: so finished runs keep their fingerprints
         if it.index == 1:
-            episodes = it.stage(
-                "draft",
-                draft,
-                model=model,
-                dataset=dataset,
-                generator=cfg.generator,
-                hardware=cfg.hardware,
-                seed=cfg.seed,
-            )
+            episodes = it.stage("draft", draft, model=model, dataset=dataset, seed=run.seed)
             run.record(it.index, episodes)
             continue
         episodes = it.stage(
@@ -70,9 +63,7 @@ def self_refine(cfg: DictConfig, run: Run) -> None:
             feedback=m.feedback,
             sampling=m.refine_sampling,
             critique_tokens=m.critique_tokens,
-            generator=cfg.generator,
-            hardware=cfg.hardware,
-            seed=cfg.seed,
+            seed=run.seed,
         )
         run.record(it.index, episodes)
 
@@ -93,8 +84,7 @@ def critique(
         }
         for e in episodes
     ]
-    greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": budget, "stop": []}
-    out = sample(model, records, greedy, generator, hardware, seed)
+    out = sample(model, records, greedy(budget), generator, hardware, seed)
     verdicts = (task.feedback_ok, task.feedback_wrong)
     return [
         (o["completion"].strip() if o["completion"].strip() in verdicts else None, o["meta"]["tokens"])

@@ -28,25 +28,15 @@ def needs(cfg: DictConfig) -> list[Need]:
 
 
 def spin(cfg: DictConfig, run: Run) -> None:
-    m, hw, gen = cfg.method, cfg.hardware, cfg.generator
+    m = cfg.method
     dataset = tasks.spec(cfg.dataset)
     seeds, model, _ = warm_start(cfg, run, dataset)
     previous = None
 
     for it in run.iterations(m.iterations):
-        seed = cfg.seed * 1000 + it.index
-        prompts = it.stage("prompts", sft_prompts, seeds=seeds, size=m.prompts_per_iteration, seed=seed)
+        prompts = it.stage("prompts", sft_prompts, seeds=seeds, size=m.prompts_per_iteration)
         # the opponent: the previous iterate answers the SFT prompts
-        samples = it.stage(
-            "generate",
-            generate,
-            model=model,
-            prompts=prompts,
-            sampling=m.sampling,
-            generator=gen,
-            hardware=hw,
-            seed=seed,
-        )
+        samples = it.stage("generate", generate, model=model, prompts=prompts, sampling=m.sampling)
         pairs = it.stage(
             "pairs",
             spin_pairs,
@@ -55,8 +45,6 @@ def spin(cfg: DictConfig, run: Run) -> None:
             previous=previous if m.mix_previous else None,
         )
         # the main player: DPO from the previous iterate, which is also the reference
-        model = it.stage(
-            "train", dpo, model=model, pairs=pairs, train=m.train, hardware=hw, seed=seed, reference=model
-        )
-        run.record(it.index, held_out_eval(it, "eval", cfg, model, dataset, seed), pairs)
+        model = it.stage("train", dpo, model=model, pairs=pairs, train=m.train, reference=model)
+        run.record(it.index, held_out_eval(it, "eval", cfg, model, dataset), pairs)
         previous = pairs

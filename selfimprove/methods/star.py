@@ -17,11 +17,9 @@ from omegaconf import DictConfig
 from selfimprove import tasks
 from selfimprove.engine.pipeline import Run
 from selfimprove.generation import generate
-from selfimprove.methods.common import MONITOR_NEEDS, held_out_eval, warm_start, warm_start_needs
+from selfimprove.methods.common import MONITOR_NEEDS, held_out_eval, monitored, warm_start, warm_start_needs
 from selfimprove.scoring import verify
-from selfimprove.scoring.certainty import certainty
 from selfimprove.stages.data import hint_prompts, keep_correct, task_prompts
-from selfimprove.stages.monitoring import monitor
 from selfimprove.tasks import Need
 from selfimprove.training import sft
 
@@ -43,7 +41,7 @@ def iteration_steps(m: DictConfig, n: int) -> int:
 
 
 def star(cfg: DictConfig, run: Run) -> None:
-    m, hw, gen = cfg.method, cfg.hardware, cfg.generator
+    m = cfg.method
     dataset = tasks.spec(cfg.dataset)
     hint_fraction = m.warmstart_hint_fraction if m.rationalize else 0.0
 
@@ -51,32 +49,13 @@ def star(cfg: DictConfig, run: Run) -> None:
     start, found = model, []
 
     for it in run.iterations(m.iterations):
-        seed = cfg.seed * 1000 + it.index
         prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
-        samples = it.stage(
-            "generate",
-            generate,
-            model=model,
-            prompts=prompts,
-            sampling=m.sampling,
-            generator=gen,
-            hardware=hw,
-            seed=seed,
-        )
+        samples = it.stage("generate", generate, model=model, prompts=prompts, sampling=m.sampling)
         scored = [it.stage("score", verify, samples=samples, dataset=dataset)]
-        certain = it.stage("certainty", certainty, model=model, scored=scored[0], hardware=hw)
         if m.rationalize:
             hinted = it.stage("hint_prompts", hint_prompts, scored=scored[0], dataset=dataset)
-            rationales = it.stage(
-                "rationalize",
-                generate,
-                model=model,
-                prompts=hinted,
-                sampling=m.rationalize_sampling,
-                generator=gen,
-                hardware=hw,
-                seed=seed,
-            )
+            sampling = m.rationalize_sampling
+            rationales = it.stage("rationalize", generate, model=model, prompts=hinted, sampling=sampling)
             scored.append(it.stage("rationalize_score", verify, samples=rationales, dataset=dataset))
         found = (found if m.accumulate else []) + scored
         data = it.stage(
@@ -86,22 +65,8 @@ def star(cfg: DictConfig, run: Run) -> None:
             dataset=dataset,
             max_per_prompt=m.max_per_prompt,
             replay=seeds if m.replay_seed_data else None,
-            seed=seed,
         )
+        watched = monitored(it, model, scored[0], data, dataset)
         train = {**m.train, "steps": iteration_steps(m, it.index)}
-        model = it.stage(
-            "train",
-            sft,
-            model=start if m.restart_from_base else model,
-            data=data,
-            train=train,
-            hardware=hw,
-            seed=seed,
-        )
-        run.record(
-            it.index,
-            held_out_eval(it, "eval", cfg, model, dataset, seed),
-            data,
-            scored[0],
-            it.stage("monitor", monitor, scored=certain, kept=data, dataset=dataset),
-        )
+        model = it.stage("train", sft, model=start if m.restart_from_base else model, data=data, train=train)
+        run.record(it.index, held_out_eval(it, "eval", cfg, model, dataset), data, scored[0], watched)

@@ -40,9 +40,10 @@ def next_prompt(task: tasks.Task, episode: dict, instruction: str) -> str:
     return task.turn_prompt(episode["prompt"], episode["turns"][-1]["completion"], instruction)
 
 
-def greedy(task: tasks.Task, record: dict) -> dict:
-    """Greedy decoding with the task's completion budget for ``record``."""
-    return {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": task.max_new_tokens(record), "stop": []}
+def greedy(max_tokens: int) -> dict:
+    """Greedy decoding settings (one sample, temperature 0) with a completion budget: the one copy
+    that evaluation, critiques and continuations use."""
+    return {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": max_tokens, "stop": []}
 
 
 def take_turn(
@@ -63,7 +64,7 @@ def take_turn(
         {"id": e["id"], "prompt": next_prompt(task, e, instruction), "answer": e["answer"], "meta": e["meta"]}
         for e in episodes
     ]
-    settings = sampling or greedy(task, max(records, key=lambda r: task.max_new_tokens(r)))
+    settings = sampling or greedy(max(task.max_new_tokens(r) for r in records))
     scored = verify_records(task, sample(model, records, {**settings, "n": 1}, generator, hardware, seed))
     return [
         {

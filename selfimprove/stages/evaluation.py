@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfimprove import tasks
-from selfimprove.engine import progress
+from selfimprove import progress, tasks
 from selfimprove.engine.pipeline import Artifact, stage, write_json_atomic, write_jsonl
 from selfimprove.engine.registry import ConfigError
 from selfimprove.generation import sample
 from selfimprove.metrics import by_prompt, fraction, maj_at_k, pass_at_k
 from selfimprove.scoring import verify_records
+from selfimprove.stages.episodes import greedy
 
 SELECTORS = ("oracle", "self_certainty")
 
@@ -84,8 +84,9 @@ def evaluate(
     with progress.bar("eval", passes * sum(map(len, test_sets.values())), "items") as advance:
         for level, records in test_sets.items():
             budget = task.max_new_tokens(records[0])
-            greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": budget, "stop": []}
-            scored = verify_records(task, sample(model, records, greedy, generator, hardware, seed, advance))
+            scored = verify_records(
+                task, sample(model, records, greedy(budget), generator, hardware, seed, advance)
+            )
             metrics[f"acc/{level}"] = accuracy(scored)
             unscored = sum(r["reward"] is None for r in scored)
             if unscored:  # said, so that a low accuracy from unreadable answers is told apart

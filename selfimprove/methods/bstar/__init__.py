@@ -17,11 +17,10 @@ from omegaconf import DictConfig
 from selfimprove import tasks
 from selfimprove.engine.pipeline import Run
 from selfimprove.methods.bstar.balance import balance_search, generate_searched, select
-from selfimprove.methods.common import MONITOR_NEEDS, held_out_eval, warm_start, warm_start_needs
+from selfimprove.methods.common import MONITOR_NEEDS, held_out_eval, monitored, warm_start, warm_start_needs
 from selfimprove.scoring import verify
 from selfimprove.scoring.certainty import certainty
 from selfimprove.stages.data import keep_correct, task_prompts
-from selfimprove.stages.monitoring import monitor
 from selfimprove.tasks import Need
 from selfimprove.training import sft
 
@@ -32,12 +31,11 @@ def needs(cfg: DictConfig) -> list[Need]:
 
 
 def bstar(cfg: DictConfig, run: Run) -> None:
-    m, hw, gen = cfg.method, cfg.hardware, cfg.generator
+    m = cfg.method
     dataset = tasks.spec(cfg.dataset)
     seeds, model, _ = warm_start(cfg, run, dataset)
 
     for it in run.iterations(m.iterations):
-        seed = cfg.seed * 1000 + it.index
         prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
         settings = it.stage(
             "search",
@@ -47,9 +45,6 @@ def bstar(cfg: DictConfig, run: Run) -> None:
             dataset=dataset,
             search=m.search,
             sampling=m.sampling,
-            generator=gen,
-            hardware=hw,
-            seed=seed,
         )
         samples = it.stage(
             "generate",
@@ -58,12 +53,9 @@ def bstar(cfg: DictConfig, run: Run) -> None:
             prompts=prompts,
             settings=settings,
             sampling=m.sampling,
-            generator=gen,
-            hardware=hw,
-            seed=seed,
         )
         scored = it.stage("score", verify, samples=samples, dataset=dataset)
-        certain = it.stage("certainty", certainty, model=model, scored=scored, hardware=hw)
+        certain = it.stage("certainty", certainty, model=model, scored=scored)
         chosen = it.stage(
             "select", select, scored=certain, settings=settings, dataset=dataset, monitor_s=m.monitor_s
         )
@@ -74,17 +66,17 @@ def bstar(cfg: DictConfig, run: Run) -> None:
             dataset=dataset,
             max_per_prompt=m.max_per_prompt,
             replay=seeds if m.replay_seed_data else None,
-            seed=seed,
             min_reward=0.0,  # select applied B-STaR's rule: wrong answers that passed it are trained on
         )
-        model = it.stage("train", sft, model=model, data=data, train=m.train, hardware=hw, seed=seed)
+        watched = monitored(it, model, scored, data, dataset, certain=certain)
+        model = it.stage("train", sft, model=model, data=data, train=m.train)
         run.record(
             it.index,
-            held_out_eval(it, "eval", cfg, model, dataset, seed),
+            held_out_eval(it, "eval", cfg, model, dataset),
             samples,
             scored,
             settings,
             chosen,
             data,
-            it.stage("monitor", monitor, scored=certain, kept=data, dataset=dataset),
+            watched,
         )

@@ -40,7 +40,7 @@ def needs(cfg: DictConfig) -> list[Need]:
 
 
 def score(cfg: DictConfig, run: Run) -> None:
-    m, hw = cfg.method, cfg.hardware
+    m = cfg.method
     if m.variant not in VARIANTS:
         raise ConfigError(f"method.variant='{m.variant}' is not allowed; use one of {', '.join(VARIANTS)}")
     check_rl(m.train, m.rl)
@@ -52,18 +52,9 @@ def score(cfg: DictConfig, run: Run) -> None:
         # protocol, as SCoRe Sec. 4 runs it); Pair-SFT: one round (Welleck et al. 2023)
         model = base
         for it in run.iterations(m.star_iterations if m.variant == "star_sft" else 1):
-            seed = cfg.seed * 1000 + it.index
             prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
             episodes = it.stage(
-                "traces",
-                sample_episodes,
-                model=model,
-                prompts=prompts,
-                dataset=dataset,
-                sampling=m.traces,
-                generator=cfg.generator,
-                hardware=hw,
-                seed=seed,
+                "traces", sample_episodes, model=model, prompts=prompts, dataset=dataset, sampling=m.traces
             )
             data = it.stage(
                 "build",
@@ -73,17 +64,15 @@ def score(cfg: DictConfig, run: Run) -> None:
                 kind=m.variant,
                 max_per_prompt=m.max_per_prompt,
                 replay=seeds,
-                seed=seed,
             )
-            model = it.stage("train", sft, model=base, data=data, train=m.sft, hardware=hw, seed=seed)
+            model = it.stage("train", sft, model=base, data=data, train=m.sft)
             run.record(
-                it.index, held_out_eval(it, "eval", cfg, model, dataset, seed, two_turn=True), episodes, data
+                it.index, held_out_eval(it, "eval", cfg, model, dataset, two_turn=True), episodes, data
             )
 
     if m.variant == "score":  # Stage I once, then Stage II
         model = base
         for it in run.iterations(1 + m.stage2_iterations):
-            seed = cfg.seed * 1000 + it.index
             phase = 1 if it.index == 1 else 2
             prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
             model = it.stage(
@@ -97,7 +86,5 @@ def score(cfg: DictConfig, run: Run) -> None:
                 beta_first=m.beta_stage1 if phase == 1 else m.rl.beta,
                 train=m.train,
                 rl=m.rl,
-                hardware=hw,
-                seed=seed,
             )
-            run.record(it.index, held_out_eval(it, "eval", cfg, model, dataset, seed, two_turn=True), model)
+            run.record(it.index, held_out_eval(it, "eval", cfg, model, dataset, two_turn=True), model)

@@ -38,7 +38,7 @@ def needs(cfg: DictConfig) -> list[Need]:
 
 
 def self_rewarding(cfg: DictConfig, run: Run) -> None:
-    m, hw, gen = cfg.method, cfg.hardware, cfg.generator
+    m = cfg.method
     dataset = tasks.spec(cfg.dataset)
     get_judge(m.judge.name)  # an unknown judge fails before anything is computed
 
@@ -50,23 +50,15 @@ def self_rewarding(cfg: DictConfig, run: Run) -> None:
             dataset=dataset,
             judge=m.judge,
             fraction=m.judge_examples_fraction,
-            seed=cfg.seed,
         )
 
     _, model, _ = warm_start(cfg, run, dataset, augment=with_judge_examples)
     initial = model
 
-    def respond_and_judge(it, prefix, responder, judge_model, prompts, seed):
+    def respond_and_judge(it, prefix, responder, judge_model, prompts):
         """Sample responses, verify them (for logging only) and let the judge model score them."""
         samples = it.stage(
-            f"{prefix}generate",
-            generate,
-            model=responder,
-            prompts=prompts,
-            sampling=m.sampling,
-            generator=gen,
-            hardware=hw,
-            seed=seed,
+            f"{prefix}generate", generate, model=responder, prompts=prompts, sampling=m.sampling
         )
         scored = it.stage(f"{prefix}score", verify, samples=samples, dataset=dataset)
         judged = it.stage(
@@ -76,36 +68,23 @@ def self_rewarding(cfg: DictConfig, run: Run) -> None:
             scored=scored,
             dataset=dataset,
             judge=m.judge,
-            generator=gen,
-            hardware=hw,
-            seed=seed,
         )
         return scored, judged
 
     for it in run.iterations(m.iterations):
-        seed = cfg.seed * 1000 + it.index
         prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
-        scored, judged = respond_and_judge(it, "", model, model, prompts, seed)
+        scored, judged = respond_and_judge(it, "", model, model, prompts)
         anchor = None
         if m.anchored_rejection:  # rejected responses may come from the initial model, judged by M_t
-            anchor = respond_and_judge(it, "anchor_", initial, model, prompts, seed)[1]
+            anchor = respond_and_judge(it, "anchor_", initial, model, prompts)[1]
         pairs = it.stage("pairs", judged_pairs, judged=judged, anchor=anchor, dataset=dataset)
         if m.future_guided_chosen:  # a temporary next model proposes chosen responses, judged by M_t
             temporary = it.stage(
-                "future_train",
-                dpo,
-                model=model,
-                pairs=pairs,
-                train=m.train,
-                hardware=hw,
-                seed=seed,
-                reference=model,
+                "future_train", dpo, model=model, pairs=pairs, train=m.train, reference=model
             )
-            future = respond_and_judge(it, "future_", temporary, model, prompts, seed)[1]
+            future = respond_and_judge(it, "future_", temporary, model, prompts)[1]
             pairs = it.stage(
                 "future_pairs", judged_pairs, judged=judged, anchor=anchor, future=future, dataset=dataset
             )
-        model = it.stage(
-            "train", dpo, model=model, pairs=pairs, train=m.train, hardware=hw, seed=seed, reference=model
-        )
-        run.record(it.index, held_out_eval(it, "eval", cfg, model, dataset, seed), scored, judged, pairs)
+        model = it.stage("train", dpo, model=model, pairs=pairs, train=m.train, reference=model)
+        run.record(it.index, held_out_eval(it, "eval", cfg, model, dataset), scored, judged, pairs)

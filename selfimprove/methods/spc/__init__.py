@@ -45,18 +45,14 @@ def needs(cfg: DictConfig) -> list[Need]:
 
 
 def spc(cfg: DictConfig, run: Run) -> None:
-    m, hw, gen = cfg.method, cfg.hardware, cfg.generator
+    m = cfg.method
     check(cfg)
     dataset = tasks.spec(cfg.dataset)
 
-    base = run.stage("init", init_model, model=cfg.model, seed=cfg.seed)
-    seeds = run.stage("warmstart/data", seed_data, dataset=dataset, hint_fraction=0.0, seed=cfg.seed)
-    roles_data = run.stage(
-        "warmstart/roles", role_seed_data, seeds=seeds, dataset=dataset, synth=m.synth, seed=cfg.seed
-    )
-    solver = run.stage(
-        "warmstart/train", sft, model=base, data=roles_data, train=m.warmstart, hardware=hw, seed=cfg.seed
-    )
+    base = run.stage("init", init_model, model=cfg.model)
+    seeds = run.stage("warmstart/data", seed_data, dataset=dataset, hint_fraction=0.0)
+    roles_data = run.stage("warmstart/roles", role_seed_data, seeds=seeds, dataset=dataset, synth=m.synth)
+    solver = run.stage("warmstart/train", sft, model=base, data=roles_data, train=m.warmstart)
     bench = run.stage(
         "bench/solutions",
         bench_solutions,
@@ -64,32 +60,19 @@ def spc(cfg: DictConfig, run: Run) -> None:
         dataset=dataset,
         levels=m.bench_levels,
         sampling=m.bench_sampling,
-        generator=gen,
-        hardware=hw,
-        seed=cfg.seed,
     )
-    judge = dict(bench=bench, dataset=dataset, max_tokens=m.critic.max_tokens, generator=gen, hardware=hw)
+    judge = dict(bench=bench, dataset=dataset, max_tokens=m.critic.max_tokens)
     run.record(
         0,
-        held_out_eval(run, "warmstart/eval", cfg, solver, dataset, cfg.seed),
-        run.stage("warmstart/critic_eval", critic_eval, critic=solver, **judge, seed=cfg.seed),
+        held_out_eval(run, "warmstart/eval", cfg, solver, dataset),
+        run.stage("warmstart/critic_eval", critic_eval, critic=solver, **judge),
     )
 
     models = {"critic": solver, "sneaky": solver}
     game_set = {**dataset, "train_levels": list(m.game_levels)} if m.game_levels else dataset
     for it in run.iterations(m.rounds):
-        seed = cfg.seed * 1000 + it.index
         prompts = it.stage("prompts", task_prompts, dataset=game_set, iteration=it.index)
-        solutions = it.stage(
-            "solutions",
-            generate,
-            model=solver,
-            prompts=prompts,
-            sampling=m.solutions,
-            generator=gen,
-            hardware=hw,
-            seed=seed,
-        )
+        solutions = it.stage("solutions", generate, model=solver, prompts=prompts, sampling=m.solutions)
         game = it.stage(
             "game",
             play,
@@ -101,31 +84,21 @@ def spc(cfg: DictConfig, run: Run) -> None:
             games=m.games,
             sneaky_sampling=m.sneaky,
             critic_sampling=m.critic,
-            generator=gen,
-            hardware=hw,
-            seed=seed,
         )
         groups = [["critic", "sneaky"]] if m.roles == "shared" else [["critic"], ["sneaky"]]
         for roles in groups:
             suffix = "" if m.roles == "shared" else f"_{roles[0]}"
-            # balance is passed only when on, so that runs without it keep their fingerprints
-            balance = {"balance": True} if m.balance_critic else {}
             data = it.stage(
-                f"build{suffix}", game_data, game=game, replay=roles_data, roles=roles, seed=seed, **balance
+                f"build{suffix}",
+                game_data,
+                game=game,
+                replay=roles_data,
+                roles=roles,
+                balance=m.balance_critic,
             )
-            trained = it.stage(
-                f"train{suffix}",
-                sft,
-                model=models[roles[0]],
-                data=data,
-                train=m.train,
-                hardware=hw,
-                seed=seed,
-            )
+            trained = it.stage(f"train{suffix}", sft, model=models[roles[0]], data=data, train=m.train)
             models.update({role: trained for role in roles})
-        run.record(
-            it.index, it.stage("critic_eval", critic_eval, critic=models["critic"], **judge, seed=seed), game
-        )
+        run.record(it.index, it.stage("critic_eval", critic_eval, critic=models["critic"], **judge), game)
 
 
 def check(cfg: DictConfig) -> None:

@@ -1,4 +1,4 @@
-"""Self-play between a sneaky generator and a step critic (SPC, ``methods/spc/__init__.py``): the roles'
+"""Self-play between a sneaky generator and a step critic (SPC, ``methods/spc.py``): the roles'
 prompts and verdicts, the game's rewards, and the stages that play, build and evaluate a round."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_json_
 from selfimprove.generation import sample
 from selfimprove.metrics import by_prompt, fraction, maj_at_k
 from selfimprove.scoring import verify_records
+from selfimprove.stages.episodes import greedy
 
 CRITIC = "critic"  # the critic's instruction after a solution; it answers a step index or "ok"
 UNPARSEABLE = "unparseable"
@@ -169,8 +170,9 @@ def critic_eval(
     a random pick), ``bon/oracle`` (any sample right). Writes metrics.json and verdicts.jsonl."""
     task = tasks.load(dataset)
     items = read_jsonl(bench.file("bench.jsonl"))
-    greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": max_tokens, "stop": []}
-    judged = critique(task, critic, [(s, s["completion"]) for s in items], greedy, generator, hardware, seed)
+    judged = critique(
+        task, critic, [(s, s["completion"]) for s in items], greedy(max_tokens), generator, hardware, seed
+    )
     items = [{**s, "verdict": v[0][0], "critique": v[0][1]} for s, v in zip(items, judged)]
     wrong = [s for s in items if s["first_error"] is not None]
     right = [s for s in items if s["first_error"] is None]
@@ -261,12 +263,11 @@ def play(
         ";".join(task.steps(r["completion"])[:k] + [w]) + ";" for r, k, w in zip(correct, ks, rewrites)
     ]
     budget = max([task.max_new_tokens(r) for r in correct], default=1)
-    greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_tokens": budget, "stop": []}
     rests = (
         sample(
             solver,
             [{**r, "prompt": r["prompt"] + p} for r, p in zip(correct, prefixes)],
-            greedy,
+            greedy(budget),
             generator,
             hardware,
             seed,

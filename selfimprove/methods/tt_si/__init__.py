@@ -32,7 +32,7 @@ def needs(cfg: DictConfig) -> list[Need]:
 
 
 def tt_si(cfg: DictConfig, run: Run) -> None:
-    m, hw, gen = cfg.method, cfg.hardware, cfg.generator
+    m = cfg.method
     dataset = tasks.spec(cfg.dataset)
     _, model, evaluated = warm_start(cfg, run, dataset)
 
@@ -43,20 +43,9 @@ def tt_si(cfg: DictConfig, run: Run) -> None:
         evaluated=evaluated,
         dataset=dataset,
         uncertain=m.uncertainty,
-        generator=gen,
-        hardware=hw,
-        seed=cfg.seed,
     )
     examples = run.stage(
-        "tt/synthesize",
-        synthesize,
-        model=model,
-        items=items,
-        dataset=dataset,
-        synthesis=m.synthesis,
-        generator=gen,
-        hardware=hw,
-        seed=cfg.seed,
+        "tt/synthesize", synthesize, model=model, items=items, dataset=dataset, synthesis=m.synthesis
     )
     answers = run.stage(
         "tt/adapt",
@@ -66,7 +55,5 @@ def tt_si(cfg: DictConfig, run: Run) -> None:
         synthesized=examples,
         dataset=dataset,
         adapt=m.adapt,
-        hardware=hw,
-        seed=cfg.seed,
     )
     run.record(1, items, examples, answers)
