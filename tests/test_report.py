@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from selfimprove.app import CONF_DIR
 from selfimprove.engine.pipeline import write_jsonl
 from selfimprove.engine.registry import ConfigError
-from selfimprove.engine.report import report
+from selfimprove.engine.report import at_iteration, report, resolve_iteration
 from tests.conftest import compose_cfg
 from tests.latex_check import compile_problems, parse_problems
 
@@ -212,10 +212,8 @@ def test_every_contract_names_columns_its_table_will_have(name):
             assert default and int(default[1]) in levels and int(default[2]) in (0, iterations), title
         else:
             # "{iteration}" in a title is the column's iteration: the method's last for "last"
-            at = {"first": 0, "last": iterations}
             titles = {
-                c["title"].replace("{iteration}", str(at.get(c["iteration"], c["iteration"])))
-                for c in columns
+                at_iteration(c["title"], resolve_iteration(c["iteration"], 0, iterations)) for c in columns
             }
             assert title in titles, title
     for column in columns or []:

@@ -152,6 +152,13 @@ def resolve_iteration(value, first: int, last: int) -> int:
         ) from None
 
 
+def at_iteration(text: str, iteration: int) -> str:
+    """``{iteration}`` in a column's title or latex is the column's iteration, so that "iter
+    {iteration}" names the last iteration of the runs at hand, not of the runs the layout was
+    written for."""
+    return text.replace("{iteration}", str(iteration))
+
+
 def columns_of(layout: dict, runs: list[RunResult], metrics: list[str] | None, iterations: list[str] | None):
     """The table's columns: the CLI's metric x iteration grid, else the config's list, else every
     acc/* at the first and the last iteration."""
@@ -171,9 +178,7 @@ def columns_of(layout: dict, runs: list[RunResult], metrics: list[str] | None, i
         it = resolve_iteration(spec["iteration"], first, last)
         minus = spec.get("minus")
         minus = None if minus is None else resolve_iteration(minus, first, last)
-        # "{iteration}" in a title is the column's iteration, so that "iter {iteration}" names the
-        # last iteration of the runs at hand, not of the runs the layout was written for
-        title = (spec.get("title") or "").replace("{iteration}", str(it)) or (
+        title = at_iteration(spec.get("title") or "", it) or (
             f"{spec['metric']} @{it}" if minus is None else f"Δ {spec['metric']} @{minus}→{it}"
         )
         # a column's own format, else the table's (a composed config holds null for "not set")
@@ -194,7 +199,7 @@ def columns_of(layout: dict, runs: list[RunResult], metrics: list[str] | None, i
                 scale,
                 decimals,
                 better,
-                spec["latex"].replace("{iteration}", str(it)) if spec.get("latex") else None,
+                at_iteration(spec["latex"], it) if spec.get("latex") else None,
             )
         )
     return cols
