@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selfimprove import progress, tasks
+from selfimprove import tasks
+from selfimprove.engine import progress
 from selfimprove.engine.pipeline import Artifact, stage, write_json_atomic, write_jsonl
 from selfimprove.engine.registry import ConfigError
 from selfimprove.generation import sample
