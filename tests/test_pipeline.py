@@ -97,6 +97,20 @@ def test_neutral_settings_do_not_change_the_fingerprint(tmp_path):
     assert first.fingerprint == again.fingerprint != other.fingerprint
 
 
+def test_a_key_added_at_its_default_keeps_finished_runs(tmp_path):
+    """``key=value`` in neutral: a config key added after a run was made (here hardware.mode) is
+    left out while at that value, so the run keeps its stage; another value is another stage."""
+    neutral = frozenset({"hardware.mode=plain"})
+    with quiet_run(tmp_path, neutral=neutral) as run:  # made before the key existed
+        before = run.stage("h", on_hardware, hardware={"dtype": "float32"})
+    with quiet_run(tmp_path, neutral=neutral) as run:
+        at_default = run.stage("h", on_hardware, hardware={"dtype": "float32", "mode": "plain"})
+    with quiet_run(tmp_path, neutral=neutral) as run:
+        other = run.stage("h", on_hardware, hardware={"dtype": "float32", "mode": "fast"})
+    assert before.fingerprint == at_default.fingerprint != other.fingerprint
+    assert CALLS == ["on_hardware:float32", "on_hardware:float32"]  # made, then "fast" recomputed
+
+
 def test_refuse_mode_names_the_stage(tmp_path):
     with quiet_run(tmp_path) as run:
         two_stages(run, value=1)

@@ -203,7 +203,8 @@ def fingerprint_of(fn: Callable, inputs: dict[str, Any], neutral: Iterable[str] 
     parameter's default is left out, so that a stage may gain an optional parameter without
     changing finished runs' fingerprints. ``neutral``: dotted keys (``hardware.num_threads``) of
     inputs that do not change the result; they are left out, so that resuming with other such
-    settings reuses what was done."""
+    settings reuses what was done. ``key=value`` (``model.position_encoding=rope``) leaves a key out
+    only at that value: a config key added after runs were made keeps those runs at its default."""
 
     def encode(v: Any) -> Any:
         return describe(v, lambda a: {"artifact": a.fingerprint})
@@ -212,8 +213,13 @@ def fingerprint_of(fn: Callable, inputs: dict[str, Any], neutral: Iterable[str] 
     encoded = {k: encode(v) for k, v in sorted(inputs.items())}
     encoded = {k: v for k, v in encoded.items() if not at_default(v, params.get(k))}
     for key in neutral:
-        name, _, sub = key.partition(".")
-        if sub and isinstance(encoded.get(name), dict):
+        dotted, only_at, value = key.partition("=")
+        name, _, sub = dotted.partition(".")
+        if (
+            sub
+            and isinstance(encoded.get(name), dict)
+            and (not only_at or str(encoded[name].get(sub)) == value)
+        ):
             encoded[name].pop(sub, None)
     if not hasattr(fn, "stage_name"):
         raise TypeError(f"{where(fn)} is not a stage; mark it with @stage(name=...)")
