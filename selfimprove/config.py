@@ -125,6 +125,7 @@ class TinyModel:
     num_kv_heads: int | None = None
     intermediate_size: int = MISSING
     max_position_embeddings: int = MISSING
+    position_encoding: str = MISSING
     rope_theta: float = MISSING
     bos: bool = MISSING
     optim: Optim = MISSING

@@ -158,3 +158,31 @@ def test_bad_seed_lengths_is_one_line_before_anything_is_written(tmp_path):
         "error: dataset.seed_lengths='mix' is not allowed; use one of equal, mixed"
     ], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "encoding, theta, rotates",
+    [("nope", 10000.0, False), ("rope", 10000.0, True), ("rope", float("inf"), True)],
+)
+def test_nope_survives_save_and_load_and_ignores_positions(tmp_path, monkeypatch, encoding, theta, rotates):
+    """model.position_encoding=nope, after a real save and load: logits are the same when every token
+    is put at position 0 and when the rotation is replaced by the identity. With RoPE, and with
+    rope_theta=inf (whose first frequency stays 1 rad/token), both differ: the checks can fail."""
+    import torch
+    import transformers.models.llama.modeling_llama as llama
+
+    from selfimprove.models import build_tiny, load_model
+
+    cfg = plain(compose_cfg([f"model.position_encoding={encoding}"]).model)
+    cfg["rope_theta"] = theta
+    build_tiny(cfg, tmp_path, seed=0)
+    model, _ = load_model(tmp_path, {"device": "cpu", "dtype": "float32"})
+    ids = torch.randint(4, 40, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        collapsed = model(input_ids=ids, position_ids=torch.zeros_like(ids)).logits
+        monkeypatch.setattr(llama, "apply_rotary_pos_emb", lambda q, k, cos, sin, **kw: (q, k))
+        unrotated = model(input_ids=ids).logits
+    for other in (collapsed, unrotated):
+        gap = (logits - other).abs().max().item()
+        assert gap > 1e-4 if rotates else gap == 0, f"{encoding}, rope_theta={theta}: max |diff| {gap}"
