@@ -319,7 +319,7 @@ class LengthGen:
     name: str = MISSING
     rounds: int = MISSING
     labelling: Sampling = MISSING
-    vote: bool = MISSING
+    filter: str = MISSING
     replay_min: int = MISSING
     # a Curriculum or None; typed Any like Train.lora (OmegaConf cannot merge a dict into a None
     # structured node), checked by methods/length_gen.py against Curriculum's fields

@@ -3,6 +3,8 @@ one round of self-labelling one digit longer, and the length + b+a vote filter o
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from selfimprove import tasks
@@ -56,6 +58,10 @@ def test_one_round_labels_longer_problems_and_keeps_only_labels_that_pass_the_vo
     gold = [r for r in data if r["meta"].get("pair") is None]
     assert len(gold) == max(len(kept), 100) and all(r["completion"] == r["answer"] for r in gold)
 
+    # the experiment's NoPE flag survives TRL's save of every trained model (load_model zeroes on it)
+    trained = json.loads((run / "iter_01" / "train" / "model" / "config.json").read_text())
+    assert trained.get("nope") is True
+
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1]
     assert {"acc/1", "acc/3", "kept", "label_accuracy"} <= set(rows[1])
@@ -69,9 +75,9 @@ def label(pair: int, swapped: bool, completion: str, answer: str = "579") -> dic
     }
 
 
-@pytest.mark.parametrize("vote", [True, False])
-def test_self_labels_keep_a_label_of_the_right_length_that_b_plus_a_agrees_with(tmp_path, vote):
-    """The filter on hand-made labels of 3-digit problems (a label has 3 or 4 digits)."""
+@pytest.mark.parametrize("keep", ["vote", "length", "none"])
+def test_self_labels_keep_what_the_filter_passes(tmp_path, keep):
+    """The filters on hand-made labels of 3-digit problems (a label has 3 or 4 digits)."""
     samples = [
         *(label(0, False, "579"), label(0, True, " 579")),  # right length, the orders agree
         *(label(1, False, "5791", "5791"), label(1, True, "5791", "5791")),  # 4 digits: still a length
@@ -89,18 +95,37 @@ def test_self_labels_keep_a_label_of_the_right_length_that_b_plus_a_agrees_with(
         tmp_path / "out",
         Artifact("labels", tmp_path / "labels", "x"),
         Artifact("gold", tmp_path / "gold", "y"),
-        vote=vote,
+        keep=keep,
         replay_min=5,
         seed=0,
     )
     data = read_jsonl(tmp_path / "out" / "train.jsonl")
     kept = sorted((r["meta"]["pair"], r["completion"]) for r in data if "pair" in r["meta"])
-    expected = [(0, "579"), (0, "579"), (1, "5791"), (1, "5791")] + [(4, "578"), (4, "578")] * (not vote)
+    passing = {"vote": [0, 1], "length": [0, 1, 4], "none": [0, 1, 2, 3, 4]}[keep]
+    a_plus_b = {0: "579", 1: "5791", 2: "57", 3: "57a", 4: "578"}
+    expected = sorted((p, a_plus_b[p]) for p in passing for _ in range(2))
     assert kept == expected, "both orders are kept, with the a+b label"
-    assert counts["kept"] == len(expected) // 2 and counts["labelled"] == 5
-    # as many gold problems as kept labels (6 without the vote), at least replay_min (5; 4 kept with it)
+    assert counts["kept"] == len(passing) and counts["labelled"] == 5
+    # as many gold problems as kept labels, at least replay_min (5)
     assert counts["replayed"] == max(len(expected), 5) == len(data) - len(kept)
-    assert counts["label_accuracy"] == (1.0 if vote else round(4 / 6, 4)), "pair 4 is wrong"
+    right = {"vote": 1.0, "length": round(4 / 6, 4), "none": round(4 / 10, 4)}[keep]
+    assert counts["label_accuracy"] == right, "only pairs 0 and 1 are right"
+
+
+def test_unknown_filter_is_one_line_before_anything_is_written(tmp_path):
+    proc = selfimprove(
+        "run",
+        "experiment=length_gen",
+        "method.filter=vot",
+        f"run_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines == [
+        "error: method.filter='vot' is not allowed; use one of vote, length, none"
+    ], proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(

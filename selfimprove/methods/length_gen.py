@@ -4,8 +4,8 @@ M_0 <- train from scratch on gold problems of 1..N digits (reversed digits, no p
        optionally short to long: first on 1..K digits only (method.curriculum)
 for r = 1..R:
     P_r <- unlabelled problems of N+r digits, each asked as a+b and as b+a
-    L_r <- greedy labels from M_{r-1}; keep a label when its length is right and M_{r-1} gives the
-           same label for b+a (the vote)
+    L_r <- greedy labels from M_{r-1}, filtered (method.filter): vote = the length is right and
+           M_{r-1} gives the same label for b+a; length = the length alone; none = every label
     M_r <- SFT(M_{r-1}, L_r + as many gold 1..N problems), learning rate decayed within the round
     evaluate M_r on every held-out length
 """
@@ -41,6 +41,8 @@ def needs(cfg: DictConfig) -> list[Need]:
 def length_gen(cfg: DictConfig, run: Run) -> None:
     m, hw, gen = cfg.method, cfg.hardware, cfg.generator
     dataset = tasks.spec(cfg.dataset)
+    if m.filter not in FILTERS:
+        raise ConfigError(f"method.filter={m.filter!r} is not allowed; use one of {', '.join(FILTERS)}")
 
     curriculum = short_to_long(m.curriculum)
     base = run.stage("init", init_model, model=cfg.model, seed=cfg.seed)
@@ -91,7 +93,7 @@ def length_gen(cfg: DictConfig, run: Run) -> None:
             self_labels,
             labels=labels,
             replay=seeds,
-            vote=m.vote,
+            keep=m.filter,
             replay_min=m.replay_min,
             seed=seed,
         )
@@ -119,14 +121,17 @@ def short_to_long(node) -> DictConfig | None:
     return curriculum
 
 
-@stage(name="self_labels", version=2)
-def self_labels(
-    out: Path, labels: Artifact, replay: Artifact, vote: bool, replay_min: int, seed: int
-) -> dict:
-    """Stage: keep the model's own labels whose length is right (n or n+1 digits for n-digit
-    operands) and, with ``vote``, that agree between a+b and b+a; mix in as many gold problems, and
-    at least ``replay_min``: a round that keeps a handful of labels would otherwise train all its
-    steps on a handful of examples. The true answers are read only to report ``label_accuracy``."""
+#: method.filter: which self-labels a round keeps
+FILTERS = ("vote", "length", "none")
+
+
+@stage(name="self_labels", version=3)
+def self_labels(out: Path, labels: Artifact, replay: Artifact, keep: str, replay_min: int, seed: int) -> dict:
+    """Stage: keep the model's own labels that pass ``keep`` (``length``: n or n+1 digits for n-digit
+    operands; ``vote``: that, and the same label for b+a; ``none``: all) and mix in as many gold
+    problems, at least ``replay_min``: a round that keeps a handful of labels would otherwise train
+    all its steps on a handful of examples. The true answers are read only to report
+    ``label_accuracy``."""
     pairs: dict[int, dict[bool, dict]] = defaultdict(dict)
     for r in read_jsonl(labels.file("samples.jsonl")):
         pairs[r["meta"]["pair"]][r["meta"]["swapped"]] = r
@@ -134,9 +139,9 @@ def self_labels(
     for pair in pairs.values():
         label = pair[False]["completion"].strip()
         digits = pair[False]["meta"]["level"]
-        if not label.isdigit() or len(label) not in (digits, digits + 1):
+        if keep != "none" and (not label.isdigit() or len(label) not in (digits, digits + 1)):
             continue
-        if vote and pair.get(True, {}).get("completion", "").strip() != label:
+        if keep == "vote" and pair.get(True, {}).get("completion", "").strip() != label:
             continue
         kept += [{**r, "completion": label} for r in pair.values()]  # both orders share the label
         kept_pairs += 1
