@@ -179,6 +179,7 @@ class ReversedAdditionData(TokenBudgets):
     seed_levels: list[int] = MISSING
     seed_per_level: int = MISSING
     seed_lengths: str = MISSING
+    pad_answers: bool = MISSING
     train_per_iteration: int = MISSING
     test_levels: list[int] = MISSING
     test_per_level: int = MISSING

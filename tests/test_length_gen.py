@@ -71,7 +71,7 @@ def label(pair: int, swapped: bool, completion: str, answer: str = "579") -> dic
     return {
         "completion": completion,
         "answer": answer,
-        "meta": {"pair": pair, "swapped": swapped, "level": 3},
+        "meta": {"pair": pair, "swapped": swapped, "level": 3, "label_lengths": [3, 4]},
     }
 
 
@@ -211,3 +211,21 @@ def test_nope_survives_save_and_load_and_ignores_positions(tmp_path, monkeypatch
     for other in (collapsed, unrotated):
         gap = (logits - other).abs().max().item()
         assert gap > 1e-4 if rotates else gap == 0, f"{encoding}, rope_theta={theta}: max |diff| {gap}"
+
+
+def test_padded_answers_have_one_digit_more_than_the_longest_operand_and_the_filter_knows_it():
+    cfg = plain(compose_cfg(["dataset=reversed_addition", "dataset.pad_answers=true"]).dataset)
+    cfg.update(seed_levels=[1, 2, 3], seed_per_level=50, test_levels=[3], train_per_iteration=20)
+    task = tasks.load(cfg)
+    records = task.seed_data() + task.test_sets()["3"] + task.train_prompts(1)
+    for r in records:
+        a, b, n = r["meta"]["a"], r["meta"]["b"], r["meta"]["level"]
+        assert len(r["answer"]) == n + 1 and int(r["answer"][::-1]) == a + b, r
+        assert r["meta"]["label_lengths"] == [n + 1]
+    assert any(r["answer"].endswith("0") and a_plus_b_has_n_digits(r) for r in records), "some are padded"
+    plain_task = tasks.load({**cfg, "pad_answers": False})
+    assert plain_task.train_prompts(1)[0]["meta"]["label_lengths"] == [4, 5]
+
+
+def a_plus_b_has_n_digits(record: dict) -> bool:
+    return len(str(record["meta"]["a"] + record["meta"]["b"])) == record["meta"]["level"]

@@ -127,8 +127,8 @@ FILTERS = ("vote", "length", "none")
 
 @stage(name="self_labels", version=3)
 def self_labels(out: Path, labels: Artifact, replay: Artifact, keep: str, replay_min: int, seed: int) -> dict:
-    """Stage: keep the model's own labels that pass ``keep`` (``length``: n or n+1 digits for n-digit
-    operands; ``vote``: that, and the same label for b+a; ``none``: all) and mix in as many gold
+    """Stage: keep the model's own labels that pass ``keep`` (``length``: as many digits as the task
+    says a label can have, ``meta.label_lengths``: n or n+1, n+1 with zero-padded answers; ``vote``: that, and the same label for b+a; ``none``: all) and mix in as many gold
     problems, at least ``replay_min``: a round that keeps a handful of labels would otherwise train
     all its steps on a handful of examples. The true answers are read only to report
     ``label_accuracy``."""
@@ -138,8 +138,8 @@ def self_labels(out: Path, labels: Artifact, replay: Artifact, keep: str, replay
     kept, kept_pairs = [], 0
     for pair in pairs.values():
         label = pair[False]["completion"].strip()
-        digits = pair[False]["meta"]["level"]
-        if keep != "none" and (not label.isdigit() or len(label) not in (digits, digits + 1)):
+        lengths = pair[False]["meta"]["label_lengths"]
+        if keep != "none" and (not label.isdigit() or len(label) not in lengths):
             continue
         if keep == "vote" and pair.get(True, {}).get("completion", "").strip() != label:
             continue
