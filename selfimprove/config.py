@@ -321,6 +321,7 @@ class LengthGen:
     rounds: int = MISSING
     labelling: Sampling = MISSING
     filter: str = MISSING
+    history: bool = MISSING
     replay_min: int = MISSING
     # a Curriculum or None; typed Any like Train.lora (OmegaConf cannot merge a dict into a None
     # structured node), checked by methods/length_gen.py against Curriculum's fields

@@ -229,3 +229,33 @@ def test_padded_answers_have_one_digit_more_than_the_longest_operand_and_the_fil
 
 def a_plus_b_has_n_digits(record: dict) -> bool:
     return len(str(record["meta"]["a"] + record["meta"]["b"])) == record["meta"]["level"]
+
+
+def test_history_mixes_earlier_rounds_kept_labels_into_the_older_half(tmp_path):
+    """method.history: the older half draws gold problems and an earlier round's kept labels by
+    weight (gold_weight 1 : 1 here, so about half each); the newest labels stay whole."""
+    samples = [label(0, False, "579"), label(0, True, "579"), label(1, False, "5791"), label(1, True, "5791")]
+    for name, rows in {
+        "labels": samples,
+        "gold": [{"completion": str(i), "answer": str(i), "meta": {"level": 1}} for i in range(20)],
+        "round1": [{"completion": "12", "answer": "12", "meta": {"level": 2, "round": 1}}] * 10,
+    }.items():
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / ("samples.jsonl" if name == "labels" else "train.jsonl"), rows)
+    (tmp_path / "round1" / "train.jsonl").rename(tmp_path / "round1" / "kept.jsonl")
+    (tmp_path / "out").mkdir()
+    counts = self_labels(
+        tmp_path / "out",
+        Artifact("labels", tmp_path / "labels", "x"),
+        Artifact("gold", tmp_path / "gold", "y"),
+        keep="vote",
+        replay_min=200,
+        seed=0,
+        earlier=[Artifact("round1", tmp_path / "round1", "z")],
+        gold_weight=1,
+    )
+    data = read_jsonl(tmp_path / "out" / "train.jsonl")
+    from_round1 = sum(r["meta"].get("round") == 1 for r in data)
+    from_gold = sum(r["meta"]["level"] == 1 for r in data)
+    assert counts["replayed"] == 200 == from_round1 + from_gold and 60 < from_round1 < 140
+    assert len(read_jsonl(tmp_path / "out" / "kept.jsonl")) == 4, "this round's kept labels, for later rounds"

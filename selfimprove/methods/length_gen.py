@@ -75,6 +75,7 @@ def length_gen(cfg: DictConfig, run: Run) -> None:
             seed=cfg.seed,
         ),
     )
+    earlier: list[Artifact] = []  # the filter stages of the rounds so far (method.history)
     for it in run.iterations(m.rounds):
         seed = cfg.seed * 1000 + it.index
         prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
@@ -96,7 +97,10 @@ def length_gen(cfg: DictConfig, run: Run) -> None:
             keep=m.filter,
             replay_min=m.replay_min,
             seed=seed,
+            earlier=list(earlier) if m.history else [],
+            gold_weight=len(dataset["seed_levels"]),
         )
+        earlier.append(data)
         model = it.stage("train", sft, model=model, data=data, train=m.train, hardware=hw, seed=seed)
         run.record(
             it.index,
@@ -126,12 +130,25 @@ FILTERS = ("vote", "length", "none")
 
 
 @stage(name="self_labels", version=3)
-def self_labels(out: Path, labels: Artifact, replay: Artifact, keep: str, replay_min: int, seed: int) -> dict:
+def self_labels(
+    out: Path,
+    labels: Artifact,
+    replay: Artifact,
+    keep: str,
+    replay_min: int,
+    seed: int,
+    earlier: list[Artifact] = (),
+    gold_weight: int = 1,
+) -> dict:
     """Stage: keep the model's own labels that pass ``keep`` (``length``: as many digits as the task
-    says a label can have, ``meta.label_lengths``: n or n+1, n+1 with zero-padded answers; ``vote``: that, and the same label for b+a; ``none``: all) and mix in as many gold
-    problems, at least ``replay_min``: a round that keeps a handful of labels would otherwise train
-    all its steps on a handful of examples. The true answers are read only to report
-    ``label_accuracy``."""
+    says a label can have, ``meta.label_lengths``: n or n+1, n+1 with zero-padded answers; ``vote``:
+    that, and the same label for b+a; ``none``: all), written to kept.jsonl, and mix them half and
+    half with older data: as many examples as kept, at least ``replay_min`` (a round that keeps a
+    handful of labels would otherwise train all its steps on a handful of examples). The older
+    half is gold problems, or, with ``earlier`` rounds (method.history), gold problems and those
+    rounds' kept labels drawn with weights ``gold_weight`` : 1 : 1 ... (Lee et al.'s
+    get_train_dataset: the original data weighted by its number of lengths, each earlier round by 1).
+    The true answers are read only to report ``label_accuracy``."""
     pairs: dict[int, dict[bool, dict]] = defaultdict(dict)
     for r in read_jsonl(labels.file("samples.jsonl")):
         pairs[r["meta"]["pair"]][r["meta"]["swapped"]] = r
@@ -147,7 +164,15 @@ def self_labels(out: Path, labels: Artifact, replay: Artifact, keep: str, replay
         kept_pairs += 1
     gold = read_jsonl(replay.file("train.jsonl"))
     rng = random.Random(seed)
-    replayed = rng.sample(gold, min(len(gold), max(len(kept), replay_min)))
+    older = [read_jsonl(a.file("kept.jsonl")) for a in earlier]
+    older = [labels for labels in older if labels]
+    count = max(len(kept), replay_min)
+    if older:  # each example from a source drawn by weight, with replacement
+        sources = rng.choices([gold, *older], weights=[gold_weight] + [1] * len(older), k=count)
+        replayed = [rng.choice(source) for source in sources]
+    else:
+        replayed = rng.sample(gold, min(len(gold), count))
+    write_jsonl(out / "kept.jsonl", kept)
     data = kept + replayed
     rng.shuffle(data)
     write_jsonl(out / "train.jsonl", data)
