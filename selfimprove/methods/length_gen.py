@@ -1,12 +1,14 @@
 """Length generalisation by self-improvement (Lee et al., ICML 2025), in miniature.
 
-M_0 <- train from scratch on gold problems of 1..N digits (reversed digits, no positional encoding),
+M_0 <- train from scratch on gold problems of 1..N digits (reversed digits; no positional encoding:
+       model.position_encoding=nope, not rope_theta=inf -- docs/methods/length_gen.md),
        optionally short to long: first on 1..K digits only (method.curriculum)
 for r = 1..R:
     P_r <- unlabelled problems of N+r digits, each asked as a+b and as b+a
     L_r <- greedy labels from M_{r-1}, filtered (method.filter): vote = the length is right and
            M_{r-1} gives the same label for b+a; length = the length alone; none = every label
-    M_r <- SFT(M_{r-1}, L_r + as many gold 1..N problems), learning rate decayed within the round
+    M_r <- SFT(M_{r-1}, L_r + as many older examples: gold 1..N problems, and with method.history
+           also L_1..L_{r-1}), learning rate decayed within the round
     evaluate M_r on every held-out length
 """
 
