@@ -79,6 +79,7 @@ def main() -> None:
             "seed_levels": list(range(1, a.max_digits + 1)),
             "seed_per_level": a.per_level,
             "seed_lengths": "mixed" if a.mixed_lengths else "equal",
+            "pad_answers": False,
             "train_per_iteration": 0,
             "test_levels": list(range(1, a.max_digits + 3)),
             "test_per_level": 200,

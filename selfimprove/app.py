@@ -40,6 +40,18 @@ OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 OmegaConf.register_new_resolver("run_path", run_path, replace=True)
 
 
+#: config keys added after runs were made, with the value that means what those runs did: while a
+#: key holds it, it is left out of every fingerprint, so those runs keep their stages
+#: (engine.pipeline.fingerprint_of, ``KEY=VALUE``)
+ADDED_KEYS = {"model.position_encoding": "rope"}
+
+
+def fingerprint_neutral() -> frozenset[str]:
+    """What fingerprints leave out: the keys that do not change results, and each added key at
+    the value runs made before it had."""
+    return frozenset(keys_outside_run_identity() | {f"{k}={v}" for k, v in ADDED_KEYS.items()})
+
+
 def keys_outside_run_identity() -> set[str]:
     """Override keys that do not change results, so not the run directory, a stage's fingerprint or
     a report row either: Hydra's ``override_dirname.exclude_keys`` in conf/config.yaml is the one list."""
@@ -92,7 +104,7 @@ def plan(cfg: DictConfig, root: Path, replay: bool = False) -> Run:
     the metrics lines of the iterations whose stages are done (:func:`metrics_from_stages`)."""
     planner = Run(
         root,
-        neutral=frozenset(keys_outside_run_identity()),
+        neutral=fingerprint_neutral(),
         plan_only=True,
         replay=replay,
         on_change=str(cfg.on_change.value if hasattr(cfg.on_change, "value") else cfg.on_change),

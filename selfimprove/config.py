@@ -125,6 +125,7 @@ class TinyModel:
     num_kv_heads: int | None = None
     intermediate_size: int = MISSING
     max_position_embeddings: int = MISSING
+    position_encoding: str = MISSING
     rope_theta: float = MISSING
     bos: bool = MISSING
     optim: Optim = MISSING
@@ -178,6 +179,7 @@ class ReversedAdditionData(TokenBudgets):
     seed_levels: list[int] = MISSING
     seed_per_level: int = MISSING
     seed_lengths: str = MISSING
+    pad_answers: bool = MISSING
     train_per_iteration: int = MISSING
     test_levels: list[int] = MISSING
     test_per_level: int = MISSING
@@ -318,7 +320,8 @@ class LengthGen:
     name: str = MISSING
     rounds: int = MISSING
     labelling: Sampling = MISSING
-    vote: bool = MISSING
+    filter: str = MISSING
+    history: bool = MISSING
     replay_min: int = MISSING
     # a Curriculum or None; typed Any like Train.lora (OmegaConf cannot merge a dict into a None
     # structured node), checked by methods/length_gen.py against Curriculum's fields

@@ -108,6 +108,10 @@ def tiny_tokenizer(model_cfg: dict):
     raise ConfigError(f"model.tokenizer={kind!r} is not allowed; use char or bpe")
 
 
+#: model.position_encoding: rope (rotary, at model.rope_theta) | nope (every rotary frequency zeroed)
+POSITION_ENCODINGS = ("rope", "nope")
+
+
 def tiny_config(model_cfg: dict, tokenizer):
     """The transformers config of a local model: Llama, or Qwen2 (q/k/v biases, grouped-query heads)."""
     from transformers import LlamaConfig, Qwen2Config
@@ -121,6 +125,11 @@ def tiny_config(model_cfg: dict, tokenizer):
     kv_heads = model_cfg.get("num_kv_heads") or heads
     if heads % kv_heads:
         raise ConfigError(f"model.num_kv_heads={kv_heads} must divide model.num_heads={heads}")
+    encoding = model_cfg.get("position_encoding", "rope")
+    if encoding not in POSITION_ENCODINGS:
+        raise ConfigError(
+            f"model.position_encoding={encoding!r} is not allowed; use one of {', '.join(POSITION_ENCODINGS)}"
+        )
     classes = {"llama": LlamaConfig, "qwen2": Qwen2Config}
     architecture = model_cfg.get("architecture", "llama")
     if architecture not in classes:
@@ -139,6 +148,8 @@ def tiny_config(model_cfg: dict, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         torch_dtype="float32",
+        # saved in config.json, read by load_model (and vLLM's refusal) on every load
+        **({"nope": True} if encoding == "nope" else {}),
     )
 
 
@@ -263,10 +274,49 @@ def load_model(artifact: Artifact | Path, hardware: dict, for_training: bool = F
         model = PeftModel.from_pretrained(base_model, where).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype(hardware["dtype"]), **kwargs)
+    if uses_nope(model.config):
+        apply_nope(model)
     if place:
         model.to(resolve_device(hardware["device"]))
     model.train(for_training)
     return model, tokenizer
+
+
+def uses_nope(config) -> bool:
+    """Whether a model config asks for no positional encoding (``model.position_encoding=nope``)."""
+    return bool(getattr(config, "nope", False))
+
+
+def apply_nope(model) -> None:
+    """Zero every rotary frequency, so that the rotation is the identity (cos 1, sin 0) at every
+    position: no positional encoding. The frequencies are non-persistent buffers that transformers
+    recomputes from ``rope_theta`` at each load, so this runs after every load. ``rope_theta=inf``
+    is not this: the first frequency is 1/inf**0 = 1, a rotation of 1 rad per token
+    (docs/methods/length_gen.md)."""
+    import torch
+
+    zeroed = 0
+    for module in model.modules():
+        for name in ("inv_freq", "original_inv_freq"):
+            buffer = getattr(module, name, None)
+            if isinstance(buffer, torch.Tensor):
+                buffer.zero_()
+                zeroed += 1
+    if not zeroed:
+        raise ConfigError(
+            f"model.position_encoding=nope: {type(model).__name__} has no rotary frequencies to zero"
+        )
+
+
+def refuse_nope(where: str, backend: str) -> None:
+    """A backend that builds its own rotary table from config.json (vLLM) cannot run a NoPE model:
+    it would silently rotate. Raise instead."""
+    config = Path(where) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("nope"):
+        raise ConfigError(
+            f"{where} has no positional encoding (model.position_encoding=nope), which {backend} cannot "
+            "run (it recomputes the rotation from config.json); use generator=hf"
+        )
 
 
 def resolve_device(name: str) -> str:

@@ -3,6 +3,8 @@ one round of self-labelling one digit longer, and the length + b+a vote filter o
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from selfimprove import tasks
@@ -56,6 +58,10 @@ def test_one_round_labels_longer_problems_and_keeps_only_labels_that_pass_the_vo
     gold = [r for r in data if r["meta"].get("pair") is None]
     assert len(gold) == max(len(kept), 100) and all(r["completion"] == r["answer"] for r in gold)
 
+    # the experiment's NoPE flag survives TRL's save of every trained model (load_model zeroes on it)
+    trained = json.loads((run / "iter_01" / "train" / "model" / "config.json").read_text())
+    assert trained.get("nope") is True
+
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1]
     assert {"acc/1", "acc/3", "kept", "label_accuracy"} <= set(rows[1])
@@ -65,13 +71,13 @@ def label(pair: int, swapped: bool, completion: str, answer: str = "579") -> dic
     return {
         "completion": completion,
         "answer": answer,
-        "meta": {"pair": pair, "swapped": swapped, "level": 3},
+        "meta": {"pair": pair, "swapped": swapped, "level": 3, "label_lengths": [3, 4]},
     }
 
 
-@pytest.mark.parametrize("vote", [True, False])
-def test_self_labels_keep_a_label_of_the_right_length_that_b_plus_a_agrees_with(tmp_path, vote):
-    """The filter on hand-made labels of 3-digit problems (a label has 3 or 4 digits)."""
+@pytest.mark.parametrize("keep", ["vote", "length", "none"])
+def test_self_labels_keep_what_the_filter_passes(tmp_path, keep):
+    """The filters on hand-made labels of 3-digit problems (a label has 3 or 4 digits)."""
     samples = [
         *(label(0, False, "579"), label(0, True, " 579")),  # right length, the orders agree
         *(label(1, False, "5791", "5791"), label(1, True, "5791", "5791")),  # 4 digits: still a length
@@ -89,18 +95,37 @@ def test_self_labels_keep_a_label_of_the_right_length_that_b_plus_a_agrees_with(
         tmp_path / "out",
         Artifact("labels", tmp_path / "labels", "x"),
         Artifact("gold", tmp_path / "gold", "y"),
-        vote=vote,
+        keep=keep,
         replay_min=5,
         seed=0,
     )
     data = read_jsonl(tmp_path / "out" / "train.jsonl")
     kept = sorted((r["meta"]["pair"], r["completion"]) for r in data if "pair" in r["meta"])
-    expected = [(0, "579"), (0, "579"), (1, "5791"), (1, "5791")] + [(4, "578"), (4, "578")] * (not vote)
+    passing = {"vote": [0, 1], "length": [0, 1, 4], "none": [0, 1, 2, 3, 4]}[keep]
+    a_plus_b = {0: "579", 1: "5791", 2: "57", 3: "57a", 4: "578"}
+    expected = sorted((p, a_plus_b[p]) for p in passing for _ in range(2))
     assert kept == expected, "both orders are kept, with the a+b label"
-    assert counts["kept"] == len(expected) // 2 and counts["labelled"] == 5
-    # as many gold problems as kept labels (6 without the vote), at least replay_min (5; 4 kept with it)
+    assert counts["kept"] == len(passing) and counts["labelled"] == 5
+    # as many gold problems as kept labels, at least replay_min (5)
     assert counts["replayed"] == max(len(expected), 5) == len(data) - len(kept)
-    assert counts["label_accuracy"] == (1.0 if vote else round(4 / 6, 4)), "pair 4 is wrong"
+    right = {"vote": 1.0, "length": round(4 / 6, 4), "none": round(4 / 10, 4)}[keep]
+    assert counts["label_accuracy"] == right, "only pairs 0 and 1 are right"
+
+
+def test_unknown_filter_is_one_line_before_anything_is_written(tmp_path):
+    proc = selfimprove(
+        "run",
+        "experiment=length_gen",
+        "method.filter=vot",
+        f"run_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines == [
+        "error: method.filter='vot' is not allowed; use one of vote, length, none"
+    ], proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
@@ -158,3 +183,79 @@ def test_bad_seed_lengths_is_one_line_before_anything_is_written(tmp_path):
         "error: dataset.seed_lengths='mix' is not allowed; use one of equal, mixed"
     ], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "encoding, theta, rotates",
+    [("nope", 10000.0, False), ("rope", 10000.0, True), ("rope", float("inf"), True)],
+)
+def test_nope_survives_save_and_load_and_ignores_positions(tmp_path, monkeypatch, encoding, theta, rotates):
+    """model.position_encoding=nope, after a real save and load: logits are the same when every token
+    is put at position 0 and when the rotation is replaced by the identity. With RoPE, and with
+    rope_theta=inf (whose first frequency stays 1 rad/token), both differ: the checks can fail."""
+    import torch
+    import transformers.models.llama.modeling_llama as llama
+
+    from selfimprove.models import build_tiny, load_model
+
+    cfg = plain(compose_cfg([f"model.position_encoding={encoding}"]).model)
+    cfg["rope_theta"] = theta
+    build_tiny(cfg, tmp_path, seed=0)
+    model, _ = load_model(tmp_path, {"device": "cpu", "dtype": "float32"})
+    ids = torch.randint(4, 40, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        collapsed = model(input_ids=ids, position_ids=torch.zeros_like(ids)).logits
+        monkeypatch.setattr(llama, "apply_rotary_pos_emb", lambda q, k, cos, sin, **kw: (q, k))
+        unrotated = model(input_ids=ids).logits
+    for other in (collapsed, unrotated):
+        gap = (logits - other).abs().max().item()
+        assert gap > 1e-4 if rotates else gap == 0, f"{encoding}, rope_theta={theta}: max |diff| {gap}"
+
+
+def test_padded_answers_have_one_digit_more_than_the_longest_operand_and_the_filter_knows_it():
+    cfg = plain(compose_cfg(["dataset=reversed_addition", "dataset.pad_answers=true"]).dataset)
+    cfg.update(seed_levels=[1, 2, 3], seed_per_level=50, test_levels=[3], train_per_iteration=20)
+    task = tasks.load(cfg)
+    records = task.seed_data() + task.test_sets()["3"] + task.train_prompts(1)
+    for r in records:
+        a, b, n = r["meta"]["a"], r["meta"]["b"], r["meta"]["level"]
+        assert len(r["answer"]) == n + 1 and int(r["answer"][::-1]) == a + b, r
+        assert r["meta"]["label_lengths"] == [n + 1]
+    assert any(r["answer"].endswith("0") and a_plus_b_has_n_digits(r) for r in records), "some are padded"
+    plain_task = tasks.load({**cfg, "pad_answers": False})
+    assert plain_task.train_prompts(1)[0]["meta"]["label_lengths"] == [4, 5]
+
+
+def a_plus_b_has_n_digits(record: dict) -> bool:
+    return len(str(record["meta"]["a"] + record["meta"]["b"])) == record["meta"]["level"]
+
+
+def test_history_mixes_earlier_rounds_kept_labels_into_the_older_half(tmp_path):
+    """method.history: the older half draws gold problems and an earlier round's kept labels by
+    weight (gold_weight 1 : 1 here, so about half each); the newest labels stay whole."""
+    samples = [label(0, False, "579"), label(0, True, "579"), label(1, False, "5791"), label(1, True, "5791")]
+    for name, rows in {
+        "labels": samples,
+        "gold": [{"completion": str(i), "answer": str(i), "meta": {"level": 1}} for i in range(20)],
+        "round1": [{"completion": "12", "answer": "12", "meta": {"level": 2, "round": 1}}] * 10,
+    }.items():
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / ("samples.jsonl" if name == "labels" else "train.jsonl"), rows)
+    (tmp_path / "round1" / "train.jsonl").rename(tmp_path / "round1" / "kept.jsonl")
+    (tmp_path / "out").mkdir()
+    counts = self_labels(
+        tmp_path / "out",
+        Artifact("labels", tmp_path / "labels", "x"),
+        Artifact("gold", tmp_path / "gold", "y"),
+        keep="vote",
+        replay_min=200,
+        seed=0,
+        earlier=[Artifact("round1", tmp_path / "round1", "z")],
+        gold_weight=1,
+    )
+    data = read_jsonl(tmp_path / "out" / "train.jsonl")
+    from_round1 = sum(r["meta"].get("round") == 1 for r in data)
+    from_gold = sum(r["meta"]["level"] == 1 for r in data)
+    assert counts["replayed"] == 200 == from_round1 + from_gold and 60 < from_round1 < 140
+    assert len(read_jsonl(tmp_path / "out" / "kept.jsonl")) == 4, "this round's kept labels, for later rounds"

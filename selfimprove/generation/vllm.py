@@ -26,7 +26,7 @@ from typing import Any
 from selfimprove.engine.errors import RunError
 from selfimprove.engine.pipeline import Artifact
 from selfimprove.generation import output_records
-from selfimprove.models import model_location, model_meta, prompt_texts, resolve_device
+from selfimprove.models import model_location, model_meta, prompt_texts, refuse_nope, resolve_device
 
 
 def generate(
@@ -69,6 +69,7 @@ def data_parallel_jobs(job: dict, hardware: dict) -> list[dict]:
 def engine_job(model: Artifact | Path, prompts: list[str], sampling: dict, hardware: dict, seed: int) -> dict:
     """Everything the child needs, as plain data (it is pickled into a spawned process)."""
     where, load_kwargs = model_location(model)
+    refuse_nope(where, "vLLM")
     engine = {
         "model": where,
         "dtype": str(getattr(hardware["dtype"], "value", hardware["dtype"])),

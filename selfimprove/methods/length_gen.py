@@ -1,12 +1,14 @@
 """Length generalisation by self-improvement (Lee et al., ICML 2025), in miniature.
 
-M_0 <- train from scratch on gold problems of 1..N digits (reversed digits, no positional encoding),
+M_0 <- train from scratch on gold problems of 1..N digits (reversed digits; no positional encoding:
+       model.position_encoding=nope, not rope_theta=inf -- docs/methods/length_gen.md),
        optionally short to long: first on 1..K digits only (method.curriculum)
 for r = 1..R:
     P_r <- unlabelled problems of N+r digits, each asked as a+b and as b+a
-    L_r <- greedy labels from M_{r-1}; keep a label when its length is right and M_{r-1} gives the
-           same label for b+a (the vote)
-    M_r <- SFT(M_{r-1}, L_r + as many gold 1..N problems), learning rate decayed within the round
+    L_r <- greedy labels from M_{r-1}, filtered (method.filter): vote = the length is right and
+           M_{r-1} gives the same label for b+a; length = the length alone; none = every label
+    M_r <- SFT(M_{r-1}, L_r + as many older examples: gold 1..N problems, and with method.history
+           also L_1..L_{r-1}), learning rate decayed within the round
     evaluate M_r on every held-out length
 """
 
@@ -41,6 +43,8 @@ def needs(cfg: DictConfig) -> list[Need]:
 def length_gen(cfg: DictConfig, run: Run) -> None:
     m, hw, gen = cfg.method, cfg.hardware, cfg.generator
     dataset = tasks.spec(cfg.dataset)
+    if m.filter not in FILTERS:
+        raise ConfigError(f"method.filter={m.filter!r} is not allowed; use one of {', '.join(FILTERS)}")
 
     curriculum = short_to_long(m.curriculum)
     base = run.stage("init", init_model, model=cfg.model, seed=cfg.seed)
@@ -73,6 +77,7 @@ def length_gen(cfg: DictConfig, run: Run) -> None:
             seed=cfg.seed,
         ),
     )
+    earlier: list[Artifact] = []  # the filter stages of the rounds so far (method.history)
     for it in run.iterations(m.rounds):
         seed = cfg.seed * 1000 + it.index
         prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
@@ -91,10 +96,13 @@ def length_gen(cfg: DictConfig, run: Run) -> None:
             self_labels,
             labels=labels,
             replay=seeds,
-            vote=m.vote,
+            keep=m.filter,
             replay_min=m.replay_min,
             seed=seed,
+            earlier=list(earlier) if m.history else [],
+            gold_weight=len(dataset["seed_levels"]),
         )
+        earlier.append(data)
         model = it.stage("train", sft, model=model, data=data, train=m.train, hardware=hw, seed=seed)
         run.record(
             it.index,
@@ -119,30 +127,54 @@ def short_to_long(node) -> DictConfig | None:
     return curriculum
 
 
-@stage(name="self_labels", version=2)
+#: method.filter: which self-labels a round keeps
+FILTERS = ("vote", "length", "none")
+
+
+@stage(name="self_labels", version=3)
 def self_labels(
-    out: Path, labels: Artifact, replay: Artifact, vote: bool, replay_min: int, seed: int
+    out: Path,
+    labels: Artifact,
+    replay: Artifact,
+    keep: str,
+    replay_min: int,
+    seed: int,
+    earlier: list[Artifact] = (),
+    gold_weight: int = 1,
 ) -> dict:
-    """Stage: keep the model's own labels whose length is right (n or n+1 digits for n-digit
-    operands) and, with ``vote``, that agree between a+b and b+a; mix in as many gold problems, and
-    at least ``replay_min``: a round that keeps a handful of labels would otherwise train all its
-    steps on a handful of examples. The true answers are read only to report ``label_accuracy``."""
+    """Stage: keep the model's own labels that pass ``keep`` (``length``: as many digits as the task
+    says a label can have, ``meta.label_lengths``: n or n+1, n+1 with zero-padded answers; ``vote``:
+    that, and the same label for b+a; ``none``: all), written to kept.jsonl, and mix them half and
+    half with older data: as many examples as kept, at least ``replay_min`` (a round that keeps a
+    handful of labels would otherwise train all its steps on a handful of examples). The older
+    half is gold problems, or, with ``earlier`` rounds (method.history), gold problems and those
+    rounds' kept labels drawn with weights ``gold_weight`` : 1 : 1 ... (Lee et al.'s
+    get_train_dataset: the original data weighted by its number of lengths, each earlier round by 1).
+    The true answers are read only to report ``label_accuracy``."""
     pairs: dict[int, dict[bool, dict]] = defaultdict(dict)
     for r in read_jsonl(labels.file("samples.jsonl")):
         pairs[r["meta"]["pair"]][r["meta"]["swapped"]] = r
     kept, kept_pairs = [], 0
     for pair in pairs.values():
         label = pair[False]["completion"].strip()
-        digits = pair[False]["meta"]["level"]
-        if not label.isdigit() or len(label) not in (digits, digits + 1):
+        lengths = pair[False]["meta"]["label_lengths"]
+        if keep != "none" and (not label.isdigit() or len(label) not in lengths):
             continue
-        if vote and pair.get(True, {}).get("completion", "").strip() != label:
+        if keep == "vote" and pair.get(True, {}).get("completion", "").strip() != label:
             continue
         kept += [{**r, "completion": label} for r in pair.values()]  # both orders share the label
         kept_pairs += 1
     gold = read_jsonl(replay.file("train.jsonl"))
     rng = random.Random(seed)
-    replayed = rng.sample(gold, min(len(gold), max(len(kept), replay_min)))
+    older = [read_jsonl(a.file("kept.jsonl")) for a in earlier]
+    older = [labels for labels in older if labels]
+    count = max(len(kept), replay_min)
+    if older:  # each example from a source drawn by weight, with replacement
+        sources = rng.choices([gold, *older], weights=[gold_weight] + [1] * len(older), k=count)
+        replayed = [rng.choice(source) for source in sources]
+    else:
+        replayed = rng.sample(gold, min(len(gold), count))
+    write_jsonl(out / "kept.jsonl", kept)
     data = kept + replayed
     rng.shuffle(data)
     write_jsonl(out / "train.jsonl", data)

@@ -4,6 +4,10 @@ of Lee et al. (ICML 2025) for length generalisation by self-improvement:
     prompt      375+588=      (573 + 885, digits reversed)
     completion  8541          (1458 reversed)
 
+With ``dataset.pad_answers`` every answer is zero-padded to one digit more than its longest operand,
+as in Lee et al.'s code (``52+3=`` -> ``820`` rather than ``82``), so every right label of an
+n-digit problem has n+1 digits.
+
 Gold labels exist for the seed levels (digits per operand); the train prompts of round r have
 ``max(seed_levels) + r`` digits and come in pairs, a+b and b+a, so that a method can keep a
 self-generated label only when the model agrees with itself on both orders. Their ``answer`` is
@@ -63,15 +67,23 @@ class ReversedAddition(Task):
 
     def _record(self, a: int, b: int, split: str, index: int, gold: bool = False, **meta) -> dict:
         digits = max(len(str(a)), len(str(b)))
+        answer = rev(a + b)
+        if self.cfg["pad_answers"]:  # Lee et al.: the reversed sum ljust-ed with 0s to n+1 digits
+            answer = answer.ljust(digits + 1, "0")
         rec = {
             "id": f"{split}-{digits}-{index}",
             "prompt": f"{rev(a)}+{rev(b)}=",
-            "answer": rev(a + b),
-            "meta": {"level": digits, "a": a, "b": b, **meta},
+            "answer": answer,
+            # the lengths a label of this problem can have, known without its answer (the length filter)
+            "meta": {"level": digits, "a": a, "b": b, "label_lengths": self.label_lengths(digits), **meta},
         }
         if gold:
-            rec["completion"] = rev(a + b)
+            rec["completion"] = answer
         return rec
+
+    def label_lengths(self, digits: int) -> list[int]:
+        """n+1 digits when answers are zero-padded, else n or n+1 (a carry out of the top digit)."""
+        return [digits + 1] if self.cfg["pad_answers"] else [digits, digits + 1]
 
     def _pairs(self, key: str, digits: int, count: int, mixed: bool = False) -> list[tuple[int, int]]:
         """``count`` problems, none a test problem or its b+a twin;
