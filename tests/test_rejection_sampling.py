@@ -149,7 +149,17 @@ def test_star_rationalize_restart_and_growing_steps(tmp_path):
 # -- ReST-EM ------------------------------------------------------------------------------------------------
 def test_rest_em_trains_from_base_on_a_fixed_prompt_set(tmp_path):
     root = tmp_path / "run"
-    rows = run(compose_cfg([*TINY_RUN, "method=rest_em", "method.max_per_prompt=1", f"run_dir={root}"]))
+    # debug=tiny's 30-step warm start solves no 3-digit prompt; 300 small steps, 2-digit train prompts
+    # and 4 samples each make both E-steps keep some samples (2 each when measured)
+    keeps = [
+        "method.warmstart.steps=300",
+        "method.warmstart.batch_size=16",
+        "dataset.train_levels=[2]",
+        "method.sampling.n=4",
+    ]
+    rows = run(
+        compose_cfg([*TINY_RUN, "method=rest_em", "method.max_per_prompt=1", *keeps, f"run_dir={root}"])
+    )
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     first, second = (read_jsonl(root / f"iter_0{i}/prompts/prompts.jsonl") for i in (1, 2))
     assert first == second, "fixed_prompts: the same training set every iteration"
@@ -161,8 +171,8 @@ def test_rest_em_trains_from_base_on_a_fixed_prompt_set(tmp_path):
             "M-step starts at the base"
         )
         kept = [r for r in read_jsonl(root / f"iter_0{it}/build/train.jsonl") if "sample" in r["meta"]]
-        assert len({r["id"] for r in kept}) == len(kept), "at most max_per_prompt=1 per prompt"
-    assert rows[1]["samples"] == 16 * 2 and rows[1]["tokens"] > 0
+        assert kept and len({r["id"] for r in kept}) == len(kept), "at most max_per_prompt=1 per prompt"
+    assert rows[1]["samples"] == 16 * 4 and rows[1]["tokens"] > 0
 
 
 # -- B-STaR ---------------------------------------------------------------------------------------------------

@@ -23,6 +23,15 @@ from tests.conftest import compose_cfg
 pytestmark = pytest.mark.slow
 
 TINY_TT = ["method=tt_si", "debug=tiny", "dataset.test_levels=[2]", "dataset.test_per_level=6"]
+# debug=tiny's 30-step warm start leaves a degenerate model (every item certain, nothing solved), so
+# the end-to-end run trains longer (300 small steps) and synthesises more, enough that some items are
+# uncertain, some certain, and some synthesised solutions are verified
+TT_ITEMS = [
+    "method.warmstart.steps=300",
+    "method.warmstart.batch_size=16",
+    "method.synthesis.problems=4",
+    "method.synthesis.solutions=8",
+]
 
 
 def test_relative_softmax_margin_by_hand():
@@ -96,19 +105,23 @@ def test_lora_adapter_trains_then_resets(tmp_path):
 
 def test_tt_si_end_to_end_and_tt_d_with_a_teacher(tmp_path):
     root = tmp_path / "run"
-    rows = run(compose_cfg([*TINY_TT, f"run_dir={root}"]))
+    rows = run(compose_cfg([*TINY_TT, *TT_ITEMS, f"run_dir={root}"]))
     assert [r["iteration"] for r in rows] == [0, 1]
     items = read_jsonl(root / "tt/uncertainty/items.jsonl")
     assert rows[1]["tt/uncertain"] == sum(r["uncertain"] for r in items) and len(items) == 6
+    assert rows[1]["tt/uncertain"] > 0 and rows[1]["tt/adapted_items"] > 0, "some items are adapted"
     synthesized = read_jsonl(root / "tt/synthesize/train.jsonl")
-    assert all(r["reward"] == 1.0 for r in synthesized), "verify=true keeps verified solutions only"
+    assert synthesized and all(r["reward"] == 1.0 for r in synthesized), (
+        "verify=true keeps verified solutions only"
+    )
     assert rows[1]["tt/train_samples_used"] == len(synthesized)
     answers = read_jsonl(root / "tt/adapt/answers.jsonl")
     certain = {r["id"]: r["completion"] for r in items if not r["uncertain"]}
-    assert all(r["completion"] == certain[r["id"]] for r in answers if r["id"] in certain)
+    assert certain and all(r["completion"] == certain[r["id"]] for r in answers if r["id"] in certain)
+    assert {r["id"] for r in answers} >= set(certain), "a certain item keeps its greedy answer"
 
     teacher = root / "warmstart" / "train"  # any model folder; here the student's own warm start
-    run(compose_cfg([*TINY_TT, f"method.synthesis.teacher={teacher}", f"run_dir={root}"]))
+    run(compose_cfg([*TINY_TT, *TT_ITEMS, f"method.synthesis.teacher={teacher}", f"run_dir={root}"]))
     events = [json.loads(line) for line in (root / "events.jsonl").read_text().splitlines()][-6:]
     actions = {e["stage"]: e["action"] for e in events}
     assert actions["tt/uncertainty"] == "reused" and actions["tt/synthesize"] == "computed"
