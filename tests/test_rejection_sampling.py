@@ -150,12 +150,13 @@ def test_star_rationalize_restart_and_growing_steps(tmp_path):
 def test_rest_em_trains_from_base_on_a_fixed_prompt_set(tmp_path):
     root = tmp_path / "run"
     # debug=tiny's 30-step warm start solves no 3-digit prompt; 300 small steps, 2-digit train prompts
-    # and 4 samples each make both E-steps keep some samples (2 each when measured)
+    # and 16 samples each make both E-steps keep samples, and some prompt find two distinct correct
+    # ones, so that the cap of one per prompt has something to drop (measured: 2 and 1 such prompts)
     keeps = [
         "method.warmstart.steps=300",
         "method.warmstart.batch_size=16",
         "dataset.train_levels=[2]",
-        "method.sampling.n=4",
+        "method.sampling.n=16",
     ]
     rows = run(
         compose_cfg([*TINY_RUN, "method=rest_em", "method.max_per_prompt=1", *keeps, f"run_dir={root}"])
@@ -172,7 +173,12 @@ def test_rest_em_trains_from_base_on_a_fixed_prompt_set(tmp_path):
         )
         kept = [r for r in read_jsonl(root / f"iter_0{it}/build/train.jsonl") if "sample" in r["meta"]]
         assert kept and len({r["id"] for r in kept}) == len(kept), "at most max_per_prompt=1 per prompt"
-    assert rows[1]["samples"] == 16 * 4 and rows[1]["tokens"] > 0
+    correct = {}
+    for r in read_jsonl(root / "iter_01/score/scored.jsonl"):
+        if r["reward"] == 1.0:
+            correct.setdefault(r["id"], set()).add(r["completion"])
+    assert any(len(c) >= 2 for c in correct.values()), "the cap had a second correct sample to drop"
+    assert rows[1]["samples"] == 16 * 16 and rows[1]["tokens"] > 0
 
 
 # -- B-STaR ---------------------------------------------------------------------------------------------------
