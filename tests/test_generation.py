@@ -134,7 +134,7 @@ def test_resident_engine_keeps_reloads_or_restarts_and_says_why(tmp_path):
     """The resident vLLM worker's choice for each new model, decided from the model folders alone
     (no vLLM needed): same model or another seed -> keep; a fine-tune of it -> load its weights;
     another architecture, dtype or a hub model -> restart, naming what changed."""
-    from selfimprove.generation.resident import Served, change_needed, files_digest, settings_of
+    from selfimprove.generation.resident import Served, change_needed, files_digest, settings_of, written
     from selfimprove.generation.vllm import engine_job
 
     cfg = compose_cfg([])
@@ -149,9 +149,8 @@ def test_resident_engine_keeps_reloads_or_restarts_and_says_why(tmp_path):
         return engine_job(tmp_path / folder, ["1+1="], {}, {**hardware, **hw}, seed)
 
     start = job("base")
-    served = Served(
-        None, settings_of(start["engine"]), start["engine"]["model"], files_digest(start["engine"]["model"])
-    )
+    model = start["engine"]["model"]
+    served = Served(None, settings_of(start["engine"]), model, files_digest(model), written(model))
     assert change_needed(None, start)[0] == "start"
     assert change_needed(served, job("base", seed=5)) == ("keep", "")
     assert change_needed(served, job("tuned")) == ("reload", f"weights of {tmp_path / 'tuned' / 'model'}")
@@ -161,5 +160,8 @@ def test_resident_engine_keeps_reloads_or_restarts_and_says_why(tmp_path):
         "start",
         "engine settings changed (dtype float32 -> bfloat16)",
     )
+    weights = next((tmp_path / "base" / "model").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten
+    assert change_needed(served, job("base")) == ("reload", f"weights of {model}")
     hub = {**start, "engine": {**start["engine"], "model": "Qwen/Qwen2.5-0.5B"}, "local": False}
     assert change_needed(served, hub) == ("start", f"another model ({served.model} -> Qwen/Qwen2.5-0.5B)")

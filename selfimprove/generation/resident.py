@@ -63,7 +63,8 @@ class Served:
     settings: dict  # the LLM(...) arguments other than the model and the seed
     model: str  # the folder (or hub id) it serves; an adapter's base
     files: str  # digest of SAME_FILES in that folder
-    adapters: dict[str, int] = field(default_factory=dict)  # adapter folder -> its LoRA id
+    weights: int  # when its weights were written (a folder rewritten in place is another model)
+    adapters: dict[tuple, int] = field(default_factory=dict)  # (adapter folder, written) -> LoRA id
     sleeping: bool = False
 
 
@@ -86,6 +87,11 @@ def files_digest(model: str) -> str:
     return digest.hexdigest()
 
 
+def written(folder: str) -> int:
+    """The newest weight file's modification time (0 for a hub id)."""
+    return max((p.stat().st_mtime_ns for p in Path(folder).glob("*.safetensors")), default=0)
+
+
 def change_needed(served: Served | None, job: dict) -> tuple[str, str]:
     """(``keep`` | ``reload`` | ``start``, why) for serving ``job`` on ``served``."""
     engine = job["engine"]
@@ -98,7 +104,7 @@ def change_needed(served: Served | None, job: dict) -> tuple[str, str]:
         )
         said = ", ".join(f"{k} {served.settings.get(k)} -> {want.get(k)}" for k in changed)
         return "start", f"engine settings changed ({said})"
-    if engine["model"] == served.model:
+    if engine["model"] == served.model and written(served.model) == served.weights:
         return "keep", ""
     if not (job["local"] and Path(served.model).exists()):
         return "start", f"another model ({served.model} -> {engine['model']})"
@@ -124,7 +130,7 @@ def take(served: Served | None, job: dict) -> tuple[Served, str, str]:
         try:
             served.llm.collective_rpc("reload_weights", kwargs={"weights_path": engine["model"]})
             served.llm.reset_prefix_cache()  # its blocks hold the old weights' keys and values
-            served.model, served.adapters = engine["model"], {}
+            served.model, served.weights, served.adapters = engine["model"], written(engine["model"]), {}
         except Exception as err:  # e.g. missing weights: a fresh engine says it in its own words
             action, why = "start", f"loading {engine['model']} into the running engine failed: {err}"[:300]
     if action == "start":
@@ -132,10 +138,17 @@ def take(served: Served | None, job: dict) -> tuple[Served, str, str]:
             vllm.shutdown(served.llm)
             served = None
         llm = vllm.start_engine({**engine, **sleep_mode()})
-        served = Served(llm, settings_of(engine), engine["model"], files_digest(engine["model"]))
-    if job["lora"] and job["lora"] not in served.adapters:
-        served.adapters[job["lora"]] = len(served.adapters) + 1
+        model = engine["model"]
+        served = Served(llm, settings_of(engine), model, files_digest(model), written(model))
     return served, action, why
+
+
+def lora_id(served: Served, job: dict) -> int:
+    """The adapter's LoRA id: one per adapter folder and version (vLLM caches adapters by id)."""
+    if not job["lora"]:
+        return 0
+    key = (job["lora"], written(job["lora"]))
+    return served.adapters.setdefault(key, len(served.adapters) + 1)
 
 
 def sleep_mode() -> dict:
@@ -190,7 +203,7 @@ def serve(conn, progress, env: dict) -> None:
                     continue
                 vllm.prepare_child(job)
                 served, action, why = take(served, job)
-                result = vllm.generate_on(served.llm, job, served.adapters.get(job["lora"], 1))
+                result = vllm.generate_on(served.llm, job, lora_id(served, job))
                 conn.send(("ok", {**result, "action": action, "why": why}))
             except Exception as err:
                 conn.send(
@@ -284,8 +297,9 @@ class Engines:
             done = {job.get("first", 0): 0 for job in jobs}
             while len(results) < len(jobs):
                 for first, finished in received(self.progress, timeout=0.2):
-                    advance(finished - done[first])
-                    done[first] = finished
+                    if first in done:  # not a late message of an earlier job
+                        advance(finished - done[first])
+                        done[first] = finished
                 for k, w in enumerate(workers):
                     if k not in results:
                         reply = w.result()
