@@ -205,9 +205,10 @@ def serve(conn, progress, env: dict) -> None:
                 served, action, why = take(served, job)
                 result = vllm.generate_on(served.llm, job, lora_id(served, job))
                 conn.send(("ok", {**result, "action": action, "why": why}))
-            except Exception as err:
+            except Exception as err:  # the parent re-raises it and closes this worker
+                ours = isinstance(err, RunError)  # already one line for the user
                 conn.send(
-                    ("error", isinstance(err, RunError), " ".join(f"{type(err).__name__}: {err}".split()))
+                    ("error", ours, str(err) if ours else " ".join(f"{type(err).__name__}: {err}".split()))
                 )
     finally:
         if served is not None:
