@@ -240,8 +240,9 @@ def completions(records: list[dict]) -> list[str]:
 
 
 def test_resident_engine_takes_a_fine_tune_and_samples_as_fresh_engines(setup):
-    """One engine serves a model and then its fine-tune (weights loaded into the running engine,
-    no restart) and samples exactly what a fresh engine per call samples: per-request seeds."""
+    """One engine serves a model and then its fine-tune (on a GPU its weights are loaded into the
+    running engine; on a CPU it restarts) and samples exactly what a fresh engine per call
+    samples: per-request seeds."""
     from selfimprove.generation import resident
 
     sampling = {"n": 2, "temperature": 1.0, "max_tokens": 16}
@@ -250,7 +251,9 @@ def test_resident_engine_takes_a_fine_tune_and_samples_as_fresh_engines(setup):
     counts = resident.ENGINES.close()
     fresh_setup = {**setup, "generator": {**setup["generator"], "resident": False}}
     fresh = [completions(generate("vllm", fresh_setup, sampling, model=m, seed=5)) for m in ("base", "tuned")]
-    assert counts == {"start": 1, "reload": 1, "keep": 0}, "one engine start for two models"
+    # vLLM's CPU build restarts for new weights (its reload keeps prepacked old weights)
+    reloads = torch.cuda.is_available()
+    assert counts == {"start": 2 - reloads, "reload": int(reloads), "keep": 0}
     assert kept[0] != kept[1], "the fine-tune's weights are served, not the old ones"
     assert kept == fresh
 
