@@ -277,7 +277,18 @@ def test_sigkill_during_generate_then_train_resumes_to_the_per_stage_engines_met
     psutil = pytest.importorskip("psutil")
     from tests.conftest import kill_when
 
-    command = ["run", "generator=vllm", *TINY_RUN, "method.iterations=1", "dataset.test_levels=[3]"]
+    # 4096 samples: enough that the resident engine (already up from warmstart/eval) is still
+    # generating when the kill comes; debug=tiny's 32 take it a few milliseconds
+    command = [
+        "run",
+        "generator=vllm",
+        *TINY_RUN,
+        "method.iterations=1",
+        "dataset.test_levels=[3]",
+        "dataset.train_per_iteration=256",
+        "method.sampling.n=16",
+        "store=false",  # the two runs' stages have the same fingerprints: nothing may come from a store
+    ]
     selfimprove(*command, "generator.resident=false", f"run_dir={tmp_path / 'fresh'}", cwd=tmp_path)
     resumed = [*command, f"run_dir={tmp_path / 'resident'}"]
     for stage in ("iter_01/generate", "iter_01/train"):
