@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from selfimprove import optuna_sweep, preflight, validation
+from selfimprove import generation, optuna_sweep, preflight, validation
 from selfimprove.config import PLANNING_FOR_GPUS, register_configs
 from selfimprove.engine.errors import INTERRUPTED, StageFailed, explain
 from selfimprove.engine.pipeline import Run, StopRequested, matches_stop, refusal, write_text_atomic
@@ -257,6 +257,8 @@ def run(cfg: DictConfig) -> list[dict]:
             METHODS.get(cfg.method.name)(cfg, r)
         except StopRequested:
             pass
+        finally:  # resident vLLM engines and cached models end with the run, however it ends
+            generation.close()
         if r.stopped_after:
             console.print(f"[yellow]stopped after {r.stopped_after}[/]; rerun without stop_after to continue")
         rows = r.metrics()

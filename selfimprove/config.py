@@ -584,6 +584,7 @@ class Eval:
 class Generator:
     backend: Backend = MISSING
     batch_size: int = MISSING
+    resident: bool = MISSING
 
 
 @dataclass

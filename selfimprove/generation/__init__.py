@@ -120,6 +120,31 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
     return text[:cut]
 
 
+def release_for_training() -> None:
+    """Called as a train stage starts: the hf backend's cached model is dropped and resident vLLM
+    engines sleep (where vLLM can), so that training gets the memory."""
+    import sys
+
+    from selfimprove.generation import hf
+
+    hf.forget()
+    if "selfimprove.generation.resident" in sys.modules:  # only a run that used vLLM has engines
+        sys.modules["selfimprove.generation.resident"].ENGINES.sleep()
+
+
+def close() -> dict:
+    """At the end of a run, however it ends: shut resident engines down, drop cached models.
+    Returns the vLLM engine counts (start, reload, keep)."""
+    import sys
+
+    from selfimprove.generation import hf
+
+    hf.forget()
+    if "selfimprove.generation.resident" in sys.modules:
+        return sys.modules["selfimprove.generation.resident"].ENGINES.close()
+    return {}
+
+
 @stage(name="generate", version=1)
 def generate(
     out: Path, model: Artifact, prompts: Artifact, sampling: dict, generator: dict, hardware: dict, seed: int

@@ -1,8 +1,15 @@
-"""The transformers backend: batched ``model.generate`` with left padding."""
+"""The transformers backend: batched ``model.generate`` with left padding.
+
+The loaded model is kept for the next generation-like stage (generate -> certainty -> eval read the
+same model folder): :func:`inference_model` loads a folder once, until another folder is asked
+for or a train stage starts (:func:`selfimprove.generation.release_for_training`).
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 from selfimprove.engine.pipeline import Artifact
 from selfimprove.generation import cut_at_stop, output_records
@@ -21,7 +28,7 @@ def generate(
     """Batches of ``generator.batch_size`` sequences; ``advance`` hears of each batch's prompts."""
     import torch
 
-    lm, tokenizer = load_model(model, hardware)
+    lm, tokenizer = inference_model(model, hardware)
     advance(0)  # the bar shows from here: after a download's own bar, before the first batch
     # instruct models: the prompt record is the user turn, wrapped by the tokenizer's chat template
     texts, special_tokens = prompt_texts(model_meta(model), tokenizer, [r["prompt"] for r in records])
@@ -79,6 +86,30 @@ def generate(
                 results[idx[row // (1 if greedy else n)]].append((text, len(tokens), extra))
             advance(len(idx))
     return output_records(records, results)
+
+
+_kept: dict = {}  # {"key": what was loaded, "model": (model, tokenizer)}: at most one model
+
+
+def inference_model(model: Artifact | Path, hardware: dict):
+    """(model, tokenizer) for inference, loaded once per model folder: the key is the folder, its
+    done-marker (a stage recomputed into the same folder is another model) and the hardware."""
+    folder = model.path if isinstance(model, Artifact) else Path(model)
+    marker = folder / "_DONE.json"
+    key = (
+        str(folder.resolve()),
+        marker.stat().st_mtime_ns if marker.exists() else None,
+        json.dumps(hardware, sort_keys=True, default=str),
+    )
+    if _kept.get("key") != key:
+        forget()  # the old model's memory goes before the new one loads
+        _kept.update(key=key, model=load_model(model, hardware))
+    return _kept["model"]
+
+
+def forget() -> None:
+    """Drop the kept model (before training, at the end of a run)."""
+    _kept.clear()
 
 
 def stop_token_ids(tokenizer) -> list[int]:

@@ -1,10 +1,12 @@
-"""The vLLM backend: vLLM's offline ``LLM`` engine, started fresh for each call in a spawned
-subprocess.
+"""The vLLM backend: vLLM's offline ``LLM`` engine in a spawned subprocess.
+
+``generator.resident: true`` (default): one engine per data-parallel shard serves the whole run and
+takes each new model as it comes (:mod:`selfimprove.generation.resident`). ``false``: a fresh
+engine per call, in a child that exits after it (what every call cost before: ~45 s on a CPU).
 
 Why a subprocess: the engine keeps its weights and KV cache (on a GPU, most of its memory) until its
-process ends, and the train stage that follows needs that memory back. Why spawn: vLLM and CUDA do
-not survive ``fork``, and the parent never imports vllm (so CPU runs and ``--help`` stay light).
-Why a fresh engine: each iteration generates with a newly trained model folder.
+process ends, and a train stage needs that memory back. Why spawn: vLLM and CUDA do not survive
+``fork``, and the parent never imports vllm (so CPU runs and ``--help`` stay light).
 
 Everything here is translation: our sampling dict -> ``SamplingParams``, the hardware config ->
 ``LLM(...)`` keyword arguments, a PEFT adapter folder -> ``LoRARequest``, vLLM's outputs -> the
@@ -39,7 +41,13 @@ def generate(
     advance: Callable[[int], None] = lambda n: None,
 ) -> list[dict]:
     job = engine_job(model, [r["prompt"] for r in records], sampling, hardware, seed)
-    results = run_in_subprocesses(data_parallel_jobs(job, hardware), advance)
+    jobs = data_parallel_jobs(job, hardware)
+    if generator.get("resident", True):
+        from selfimprove.generation import resident
+
+        results = resident.ENGINES.run(jobs, advance)
+    else:
+        results = run_in_subprocesses(jobs, advance)
     return output_records(records, [c for r in results for c in r["completions"]])
 
 
@@ -187,66 +195,84 @@ def progress_reporter(first: int, prompts: int):
 def run_engine(job: dict) -> dict:
     """In the child: start the engine, generate, shut it down. Returns per-prompt lists of
     (text, token count, extra meta) and where the time went."""
+    started = time.perf_counter()
+    prepare_child(job)
+    import vllm  # noqa: F401  (timed apart from the engine's start)
+
+    imported = time.perf_counter()
+    llm = start_engine(job["engine"])
+    ready = time.perf_counter()
+    try:
+        result = generate_on(llm, job)
+        generated = time.perf_counter()
+    finally:
+        shutdown(llm)
+    seconds = {"import": imported - started, "engine_start": ready - imported, "generate": generated - ready}
+    return {**result, "seconds": {**seconds, "shutdown": time.perf_counter() - generated}}
+
+
+def prepare_child(job: dict) -> None:
+    """The environment of a child, set before vllm is imported."""
     os.environ.update(job.get("env", {}))  # a data-parallel engine's GPUs (set before vllm loads)
     if job["local"]:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder needs no hub look-ups
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # our stage lines are the progress display
-    started = time.perf_counter()
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
 
-    imported = time.perf_counter()
+
+def start_engine(engine: dict):
+    """``LLM(**engine)``, its failure said in one line (the child's traceback is in its log)."""
+    from vllm import LLM
+
     try:
-        llm = LLM(**job["engine"])
-    except Exception as err:  # vLLM's own message, in one line (the child's traceback is in its log)
+        return LLM(**engine)
+    except Exception as err:
         reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
         raise RunError(
-            f"the vLLM engine did not start for {job['engine']['model']} ({reason}); try generator=hf, a lower "
+            f"the vLLM engine did not start for {engine['model']} ({reason}); try generator=hf, a lower "
             "hardware.gpu_memory_utilization or kv_cache_memory_bytes, or hardware.enforce_eager=true"
         ) from None
-    ready = time.perf_counter()
-    try:
-        s = job["sampling"]
-        tokenizer = llm.get_tokenizer()
-        # The hf backend ends a completion at EOS or at a generated pad token; so does this one.
-        pad = tokenizer.pad_token_id
-        stop_ids = [pad] if pad is not None and pad != tokenizer.eos_token_id else None
-        params = [  # one seed per request: a shared seed makes identical prompts sample alike
-            SamplingParams(
-                n=s["n"],
-                temperature=s["temperature"],
-                top_p=s["top_p"],
-                max_tokens=s["max_tokens"],
-                stop=list(s.get("stop") or []) or None,
-                seed=job["seed"] + job.get("first", 0) + i,
-                stop_token_ids=stop_ids,
-                logprobs=s.get("logprobs"),
-                **({"top_k": s["top_k"]} if s.get("top_k") is not None else {}),
-            )
-            for i in range(len(job["prompts"]))
-        ]
-        lora = LoRARequest("adapter", 1, job["lora"]) if job["lora"] else None
-        texts, special_tokens = prompt_texts(job["meta"], tokenizer, job["prompts"])  # as the hf backend
-        outputs = llm.generate(
-            texts,
-            params,
-            lora_request=lora,
-            use_tqdm=progress_reporter(job.get("first", 0), len(job["prompts"])),
-            tokenization_kwargs={"add_special_tokens": special_tokens},
+
+
+def shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()  # without it the child waits forever at exit
+
+
+def generate_on(llm, job: dict, lora_id: int = 1) -> dict:
+    """Generate ``job``'s prompts on a running engine (``lora_id``: the id its adapter, if any, is
+    served under). Every request carries its own seed, so the samples do not depend on what the
+    engine served before."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    s = job["sampling"]
+    tokenizer = llm.get_tokenizer()
+    # The hf backend ends a completion at EOS or at a generated pad token; so does this one.
+    pad = tokenizer.pad_token_id
+    stop_ids = [pad] if pad is not None and pad != tokenizer.eos_token_id else None
+    params = [  # one seed per request: a shared seed makes identical prompts sample alike
+        SamplingParams(
+            n=s["n"],
+            temperature=s["temperature"],
+            top_p=s["top_p"],
+            max_tokens=s["max_tokens"],
+            stop=list(s.get("stop") or []) or None,
+            seed=job["seed"] + job.get("first", 0) + i,
+            stop_token_ids=stop_ids,
+            logprobs=s.get("logprobs"),
+            **({"top_k": s["top_k"]} if s.get("top_k") is not None else {}),
         )
-        completions = [[completion(c, s.get("logprobs")) for c in out.outputs] for out in outputs]
-        generated = time.perf_counter()
-    finally:
-        llm.llm_engine.engine_core.shutdown()  # without it the child waits forever at exit
-    return {
-        "completions": completions,
-        "seconds": {
-            "import": imported - started,
-            "engine_start": ready - imported,
-            "generate": generated - ready,
-            "shutdown": time.perf_counter() - generated,
-        },
-    }
+        for i in range(len(job["prompts"]))
+    ]
+    lora = LoRARequest(f"adapter-{lora_id}", lora_id, job["lora"]) if job["lora"] else None
+    texts, special_tokens = prompt_texts(job["meta"], tokenizer, job["prompts"])  # as the hf backend
+    outputs = llm.generate(
+        texts,
+        params,
+        lora_request=lora,
+        use_tqdm=progress_reporter(job.get("first", 0), len(job["prompts"])),
+        tokenization_kwargs={"add_special_tokens": special_tokens},
+    )
+    return {"completions": [[completion(c, s.get("logprobs")) for c in out.outputs] for out in outputs]}
 
 
 def completion(c: Any, top_k: int | None) -> tuple[str, int, dict]:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from selfimprove.engine import progress
 from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_jsonl
+from selfimprove.generation.hf import inference_model
 from selfimprove.metrics import fraction, self_certainty
-from selfimprove.models import load_model, model_meta, prompt_texts
+from selfimprove.models import model_meta, prompt_texts
 
 
 def log_likelihood(logits, ids: list[int]) -> float:
@@ -36,7 +37,7 @@ def certainties(
     import torch
 
     of = of or (lambda logits, ids: self_certainty(logits))
-    lm, tokenizer = load_model(model, hardware)
+    lm, tokenizer = inference_model(model, hardware)  # kept from generate
     advance(0)  # the bar shows from here (after the model loads)
     # the context the completions were generated in (chat template, BOS) as the generators build it
     texts, special_tokens = prompt_texts(model_meta(model), tokenizer, [r["prompt"] for r in records])

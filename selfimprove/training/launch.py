@@ -111,6 +111,10 @@ def accelerated(body: Callable) -> Callable:
 
     @functools.wraps(body)
     def stage_body(out: Path, **inputs: Any) -> dict:
+        if not launched():  # the run's process: its generation models give their memory back
+            from selfimprove.generation import release_for_training
+
+            release_for_training()
         if multi_process(inputs["hardware"]):
             return in_processes(stage_body, out, **inputs)
         return body(out, **inputs)
