@@ -134,6 +134,8 @@ def in_processes(fn, out: Path, **kwargs: Any) -> dict:
     command += ["--config_file", str(accelerate_config(hardware["accelerate"]))]
     if hardware.get("num_processes"):
         command += ["--num_processes", str(hardware["num_processes"])]
+    if one_machine(hardware["accelerate"]):
+        command += ["--main_process_port", str(free_port())]
     command += ["-m", "selfimprove.launched", str(job)]
     threads = str(hardware.get("num_threads") or os.environ.get("OMP_NUM_THREADS") or 1)
     env = {**os.environ, LAUNCHED: "1", "OMP_NUM_THREADS": threads}
@@ -144,6 +146,24 @@ def in_processes(fn, out: Path, **kwargs: Any) -> dict:
     job.unlink()
     result.unlink()
     return counts
+
+
+def one_machine(name: str) -> bool:
+    """Whether the accelerate config runs on a single machine (a port of our own choosing is then
+    safe: no other machine has to know it)."""
+    import yaml
+
+    return int(yaml.safe_load(accelerate_config(name).read_text()).get("num_machines", 1)) == 1
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: two runs (or two tests) launching at once on one machine
+    would otherwise both take torch's default 29500, and the second fails to start."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main() -> None:
