@@ -200,23 +200,6 @@ def test_chat_model_is_prompted_through_its_template_as_in_hf(setup, greedy):
     )
 
 
-def test_star_run_end_to_end_with_generator_vllm(tmp_path):
-    proc = selfimprove(
-        "run",
-        "generator=vllm",
-        *TINY_RUN,
-        "method.iterations=1",
-        "dataset.test_levels=[3]",
-        f"run_dir={tmp_path / 'run'}",
-        cwd=tmp_path,
-    )
-    samples = read_jsonl(tmp_path / "run" / "iter_01" / "generate" / "samples.jsonl")
-    assert len(samples) == 16 * 2 and sum(s["meta"]["tokens"] for s in samples) > 0
-    assert "backend: vllm" in (tmp_path / "run" / "config.yaml").read_text()
-    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert [r["iteration"] for r in rows] == [0, 1] and "acc/3" in rows[1], proc.stdout
-
-
 def test_an_engine_that_cannot_start_is_one_line_naming_the_model_and_the_fixes(setup, tmp_path):
     """A model folder without its weights: vLLM refuses to start, and the stage says so in one line
     (RunError: the pipeline prints it as `<stage>: <line>`) instead of a worker's traceback."""
@@ -242,13 +225,19 @@ def completions(records: list[dict]) -> list[str]:
 def test_resident_engine_takes_a_fine_tune_and_samples_as_fresh_engines(setup):
     """One engine serves a model and then its fine-tune (on a GPU its weights are loaded into the
     running engine; on a CPU it restarts) and samples exactly what a fresh engine per call
-    samples: per-request seeds."""
+    samples: per-request seeds. Closing it ends the worker and vLLM's engine-core process."""
+    psutil = pytest.importorskip("psutil")
     from selfimprove.generation import resident
 
     sampling = {"n": 2, "temperature": 1.0, "max_tokens": 16}
     resident.ENGINES.close(quiet=True)
     kept = [completions(generate("vllm", setup, sampling, model=m, seed=5)) for m in ("base", "tuned")]
+    (worker,) = resident.ENGINES.workers.values()
+    tree = [psutil.Process(worker.process.pid), *psutil.Process(worker.process.pid).children(recursive=True)]
+    assert len(tree) >= 2, "the worker and vLLM's engine-core process"
     counts = resident.ENGINES.close()
+    gone, alive = psutil.wait_procs(tree, timeout=60)
+    assert not alive, f"left behind after close: {[p.pid for p in alive]}"
     fresh_setup = {**setup, "generator": {**setup["generator"], "resident": False}}
     fresh = [completions(generate("vllm", fresh_setup, sampling, model=m, seed=5)) for m in ("base", "tuned")]
     # vLLM's CPU build restarts for new weights (its reload keeps prepacked old weights)
@@ -256,19 +245,6 @@ def test_resident_engine_takes_a_fine_tune_and_samples_as_fresh_engines(setup):
     assert counts == {"start": 2 - reloads, "reload": int(reloads), "keep": 0}
     assert kept[0] != kept[1], "the fine-tune's weights are served, not the old ones"
     assert kept == fresh
-
-
-def test_resident_engine_processes_end_when_it_is_closed(setup):
-    psutil = pytest.importorskip("psutil")
-    from selfimprove.generation import resident
-
-    generate("vllm", setup, {"n": 1, "temperature": 0.0, "max_tokens": 4})
-    (worker,) = resident.ENGINES.workers.values()
-    tree = [psutil.Process(worker.process.pid), *psutil.Process(worker.process.pid).children(recursive=True)]
-    assert len(tree) >= 2, "the worker and vLLM's engine-core process"
-    resident.ENGINES.close()
-    gone, alive = psutil.wait_procs(tree, timeout=60)
-    assert not alive, f"left behind: {[p.pid for p in alive]}"
 
 
 def test_sigkill_during_generate_then_train_resumes_to_the_per_stage_engines_metrics(tmp_path):
@@ -289,7 +265,13 @@ def test_sigkill_during_generate_then_train_resumes_to_the_per_stage_engines_met
         "method.sampling.n=16",
         "store=false",  # the two runs' stages have the same fingerprints: nothing may come from a store
     ]
-    selfimprove(*command, "generator.resident=false", f"run_dir={tmp_path / 'fresh'}", cwd=tmp_path)
+    # the uninterrupted run is also the end-to-end check of a STaR run on generator=vllm
+    proc = selfimprove(*command, "generator.resident=false", f"run_dir={tmp_path / 'fresh'}", cwd=tmp_path)
+    samples = read_jsonl(tmp_path / "fresh" / "iter_01" / "generate" / "samples.jsonl")
+    assert len(samples) == 256 * 16 and sum(s["meta"]["tokens"] for s in samples) > 0
+    assert "backend: vllm" in (tmp_path / "fresh" / "config.yaml").read_text()
+    rows = read_jsonl(tmp_path / "fresh" / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [0, 1] and "acc/3" in rows[1], proc.stdout
     resumed = [*command, f"run_dir={tmp_path / 'resident'}"]
     for stage in ("iter_01/generate", "iter_01/train"):
         kill_when(resumed, tmp_path, f"resident/{stage}.partial", timeout=1200)
