@@ -6,6 +6,7 @@ installed) and parses (pylatexenc), whatever characters the settings hold."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,18 @@ def test_table_from_the_config_layout(sweep, tmp_path):
     assert lines[5] == "| method.rationalize=true | 1 | 40.0 | **90.0** | **50.0** | **0.45** |"
     assert [p.name for p in plots] == ["acc_3.png"] and plots[0].read_bytes()[:4] == b"\x89PNG"
     assert table_file == tmp_path / "out" / "table.md" and table_file.read_text() == text
+
+
+def test_a_null_metric_is_a_missing_cell_not_a_crash(sweep, tmp_path):
+    """A method writes null where a metric does not apply (e.g. no pair came from the anchor): the
+    cell and the plot point are left out, as for a metric the run lacks."""
+    write_jsonl(
+        sweep / "c" / "metrics.jsonl",
+        [{"iteration": 0, "acc/3": 0.4, "acc/4": None}, {"iteration": 1, "acc/3": 0.8, "acc/4": None}],
+    )
+    text, _, plots = report(sweep, "md", tmp_path / "out")
+    assert "| method.rationalize=true | 1 | 40.0 | 80.0 | **40.0** | – |" in text.splitlines()
+    assert plots[0].read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cli_grid_overrides_the_layout(sweep, tmp_path):
@@ -159,14 +172,26 @@ def test_latex_compiles_and_parses_whatever_the_labels_hold(tmp_path):
     assert compile_problems(text, tmp_path / "tex") == []
 
 
-def test_the_latex_checks_catch_unescaped_characters(tmp_path):
-    """The checks above can fail: each broken table is reported, by the parser and by pdflatex."""
-    good = "\\begin{tabular}{lr}\n\\toprule\nsetting & value \\\\\n%s & $1.0$ \\\\\n\\bottomrule\n\\end{tabular}\n"
-    assert parse_problems(good % "a") == [] and compile_problems(good % "a", tmp_path / "ok") == []
+GOOD_TABLE = (
+    "\\begin{tabular}{lr}\n\\toprule\nsetting & value \\\\\n%s & $1.0$ \\\\\n\\bottomrule\n\\end{tabular}\n"
+)
+
+
+def test_the_latex_parser_catches_unescaped_characters():
+    """The parse check above can fail: each broken table is reported."""
+    assert parse_problems(GOOD_TABLE % "a") == []
     for label in ["a{b", "a}b", "a_b", "a#b", "a^b", "a&b", "a%b", "a$b", "a~b"]:
-        assert parse_problems(good % label), label
+        assert parse_problems(GOOD_TABLE % label), label
+
+
+@pytest.mark.skipif(
+    shutil.which("pdflatex") is None, reason="pdflatex is not installed (apt install texlive-latex-extra)"
+)
+def test_pdflatex_catches_unescaped_characters(tmp_path):
+    """The compile check above can fail: each broken table is reported by pdflatex."""
+    assert compile_problems(GOOD_TABLE % "a", tmp_path / "ok") == []
     for label in ["a{b", "a_b", "a#b", "a^b", "a&b", "a$b"]:
-        assert compile_problems(good % label, tmp_path / label.replace("/", "")), label
+        assert compile_problems(GOOD_TABLE % label, tmp_path / label.replace("/", "")), label
 
 
 def test_bad_names_list_what_is_allowed(sweep, tmp_path):

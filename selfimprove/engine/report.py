@@ -107,7 +107,8 @@ def find_runs(path: Path) -> list[RunResult]:
                 setting[key] = value
         cfg = OmegaConf.load(run / "config.yaml") if (run / "config.yaml").exists() else {}
         layout = OmegaConf.to_container(cfg["report"]) if "report" in cfg else {}
-        rows = {r["iteration"]: r for r in metrics_of(run)}
+        # a null value (a metric a method writes only where it applies) counts as missing
+        rows = {r["iteration"]: {k: v for k, v in r.items() if v is not None} for r in metrics_of(run)}
         if rows:
             runs.append(RunResult(run, setting, rows, layout, str(cfg["seed"]) if "seed" in cfg else "?"))
     if not runs:
