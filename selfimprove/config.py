@@ -69,6 +69,14 @@ class StepsRule(str, Enum):
     compound = "compound"
 
 
+class UpdateRule(str, Enum):
+    """How SPC updates its roles from a round's games: sft on the winning moves, or offline_rl on
+    every move with its +1/-1 outcome (the paper's released code)."""
+
+    sft = "sft"
+    offline_rl = "offline_rl"
+
+
 class WandbMode(str, Enum):
     offline = "offline"
     online = "online"
@@ -551,6 +559,13 @@ class SpcSynth:
 
 
 @dataclass
+class SpcOfflineRl:
+    kl_coeff: float = MISSING
+    sft_coeff: float = MISSING
+    clip: float = MISSING
+
+
+@dataclass
 class Spc:
     name: str = MISSING
     rounds: int = MISSING
@@ -566,6 +581,8 @@ class Spc:
     critic: Sampling = MISSING
     balance_critic: bool = MISSING
     train: Train = MISSING
+    update_rule: UpdateRule = MISSING
+    offline_rl: SpcOfflineRl = MISSING
 
 
 # -- evaluation ----------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ from selfimprove.training import launch
 
 GB = 1e9
 #: the training stages, by their registered name: TRL trainer kind of the estimate
-TRAINERS = {"sft": "sft", "dpo": "dpo", "grpo": "grpo", "score_rl": "grpo"}
+TRAINERS = {"sft": "sft", "dpo": "dpo", "grpo": "grpo", "score_rl": "grpo", "spc_offline_rl": "sft"}
+#: training stages (by registered name) that always hold a frozen reference model beside the policy
+WITH_REFERENCE = {"spc_offline_rl"}
 #: stages (by registered name) whose sequences hold two attempts (SCoRe's and Self-Refine's episodes)
 TWO_TURN = {"two_turn_eval", "sample_episodes", "refine_round", "draft", "score_rl"}
 #: memory assumed per GPU when planning for GPUs on a machine without one (A100/H100 80 GB)
@@ -256,7 +258,7 @@ def training_estimate(arch: Arch, status: StageStatus, kind: str, dataset: dict)
         sharding=sharding,
         gradient_checkpointing=bool(hardware.get("gradient_checkpointing")) and device != "cpu",
         lora=lora,
-        reference_model=kind == "grpo" and rl.get("beta", 0) > 0,
+        reference_model=(kind == "grpo" and rl.get("beta", 0) > 0) or status.fn.stage_name in WITH_REFERENCE,
         generation_batch=0 if rl.get("use_vllm") else train["batch_size"] // processes,
     )
     available = memory_of(hardware)

@@ -11,8 +11,12 @@ for round r = 1..R:
           the attempt is valid iff step k is wrong (step checker) and the final answer changed
     the critic gives its first wrong step (or "ok") on every valid attempt and on every plain s;
           critic right -> critic +1, sneaky -1; fooled -> critic -1, sneaky +1
-    critic_r <- SFT(critic_{r-1}, winning critic verdicts + critic replay)
-    sneaky_r <- SFT(sneaky_{r-1}, winning sneaky rewrites + sneaky replay)   (one SFT when shared)
+    update_rule=sft (default):                                            (one update when shared)
+        critic_r <- SFT(critic_{r-1}, winning critic verdicts + critic replay)
+        sneaky_r <- SFT(sneaky_{r-1}, winning sneaky rewrites + sneaky replay)
+    update_rule=offline_rl (the released code: PPO-clip on the outcomes + sft_coeff x NLL of the replay):
+        critic_r <- OfflineRL(critic_{r-1}, every critic verdict with its +1/-1, critic replay)
+        sneaky_r <- OfflineRL(sneaky_{r-1}, every sneaky rewrite with its reward, sneaky replay)
     evaluate critic_r: ProcessBench-style F1, and best-of-N by its verdicts vs majority vs random
 """
 
@@ -25,12 +29,20 @@ from selfimprove.engine.pipeline import Run
 from selfimprove.engine.registry import ConfigError
 from selfimprove.generation import generate
 from selfimprove.methods.common import held_out_eval
-from selfimprove.methods.spc.selfplay import bench_solutions, critic_eval, game_data, play, role_seed_data
+from selfimprove.methods.spc.offline_rl import offline_rl
+from selfimprove.methods.spc.selfplay import (
+    bench_solutions,
+    critic_eval,
+    game_data,
+    game_rl_data,
+    play,
+    role_seed_data,
+)
 from selfimprove.models import init_model
 from selfimprove.scoring import verify
 from selfimprove.stages.data import seed_data, task_prompts
 from selfimprove.tasks import Need
-from selfimprove.training import sft
+from selfimprove.training import launch, sft
 
 ROLES = ("shared", "separate")
 
@@ -88,15 +100,24 @@ def spc(cfg: DictConfig, run: Run) -> None:
         groups = [["critic", "sneaky"]] if m.roles == "shared" else [["critic"], ["sneaky"]]
         for roles in groups:
             suffix = "" if m.roles == "shared" else f"_{roles[0]}"
-            data = it.stage(
-                f"build{suffix}",
-                game_data,
-                game=game,
-                replay=roles_data,
-                roles=roles,
-                balance=m.balance_critic,
-            )
-            trained = it.stage(f"train{suffix}", sft, model=models[roles[0]], data=data, train=m.train)
+            start = models[roles[0]]
+            if m.update_rule == "offline_rl":
+                data = it.stage(
+                    f"build{suffix}", game_rl_data, game=game, replay=roles_data, roles=roles, dataset=dataset
+                )
+                trained = it.stage(
+                    f"train{suffix}", offline_rl, model=start, data=data, train=m.train, rl=m.offline_rl
+                )
+            else:
+                data = it.stage(
+                    f"build{suffix}",
+                    game_data,
+                    game=game,
+                    replay=roles_data,
+                    roles=roles,
+                    balance=m.balance_critic,
+                )
+                trained = it.stage(f"train{suffix}", sft, model=start, data=data, train=m.train)
             models.update({role: trained for role in roles})
         run.record(it.index, it.stage("critic_eval", critic_eval, critic=models["critic"], **judge), game)
 
@@ -117,8 +138,34 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(
             f"method.game_levels={list(m.game_levels)} must be null or a non-empty list of levels >= 1"
         )
+    if m.update_rule == "offline_rl":
+        check_offline_rl(cfg)
     missing = sorted(set(m.bench_levels) - set(cfg.dataset.test_levels))
     if missing or not m.bench_levels:
         raise ConfigError(
             f"method.bench_levels={list(m.bench_levels)} must be non-empty held-out levels (dataset.test_levels={list(cfg.dataset.test_levels)})"
+        )
+
+
+def check_offline_rl(cfg: DictConfig) -> None:
+    """Refuse what ``update_rule=offline_rl`` cannot do: an option of the SFT rule, coefficients
+    out of range, and sharded training (the reference is a whole frozen copy of the model)."""
+    m = cfg.method
+    rl = m.offline_rl
+    if m.balance_critic:
+        raise ConfigError(
+            "method.balance_critic=true subsamples the winning verdicts of update_rule=sft; offline_rl trains "
+            "on every verdict with its +1/-1 outcome: set method.balance_critic=false or method.update_rule=sft"
+        )
+    if not 0 < rl.clip < 1 or rl.kl_coeff < 0 or rl.sft_coeff < 0:
+        raise ConfigError(
+            f"method.offline_rl: clip={rl.clip} must be in (0, 1), kl_coeff={rl.kl_coeff} and "
+            f"sft_coeff={rl.sft_coeff} must be >= 0 (the released code: 0.2, 0.1, 0.15)"
+        )
+    sharding = launch.sharding(cfg.hardware.accelerate)
+    if sharding != "none":
+        raise ConfigError(
+            f"method.update_rule=offline_rl keeps a whole frozen copy of the model as its reference, which "
+            f"{sharding} sharding (hardware.accelerate={cfg.hardware.accelerate}) cannot hold; use "
+            "hardware.accelerate=ddp or null, or method.update_rule=sft"
         )

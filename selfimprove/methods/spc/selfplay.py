@@ -385,3 +385,54 @@ def game_data(
         "replayed": len(replayed),
         "examples": len(data),
     }
+
+
+@stage(name="game_rl_data", version=1)
+def game_rl_data(out: Path, game: Artifact, replay: Artifact, roles: list, dataset: dict, seed: int) -> dict:
+    """Stage: offline-RL data (``update_rule=offline_rl``) from one round's games for ``roles``, every
+    move with its outcome, won or lost: each critic verdict on each solution shown (reward: its
+    game's critic reward, +1 or -1; an unparseable verdict is a lost game) and each sneaky attempt's
+    rewrite (reward: its mean sneaky reward over its games, +1 or -1 when the critic's verdicts
+    agree; -1 when the attempt was invalid); plus the warm start's synthetic examples of the same
+    roles with ``sft`` true (the NLL term; their reward is unused). No deduplication: a verdict the
+    critic sampled twice is two samples of its policy."""
+    task = tasks.load(dataset)
+    rows = []
+    for x in read_jsonl(game.file("games.jsonl")):
+        moves = []
+        if "critic" in roles and x["kind"] != "invalid":
+            moves += [
+                ("critic", x["critic_prompt"], v, c) for v, c in zip(x["verdicts"], x["critic_rewards"])
+            ]
+        if "sneaky" in roles and x["kind"] != "plain":
+            prompt = sneaky_prompt(task, x, x["meta"]["original"], x["meta"]["step"])
+            moves.append(("sneaky", prompt, x["meta"]["rewrite"], x["sneaky_reward"]))
+        rows += [
+            {
+                "id": x["id"],
+                "prompt": prompt,
+                "completion": completion,
+                "answer": x["answer"],
+                "meta": {**x["meta"], "role": role},
+                "reward": float(reward),
+                "sft": False,
+            }
+            for role, prompt, completion, reward in moves
+        ]
+    replayed = [
+        {**r, "reward": 1.0, "sft": True}
+        for r in read_jsonl(replay.file("train.jsonl"))
+        if r["meta"]["role"] in roles
+    ]
+    data = rows + replayed
+    random.Random(seed).shuffle(data)
+    write_jsonl(out / "train.jsonl", data)
+    count = Counter((r["meta"]["role"], r["reward"] > 0) for r in rows)
+    return {
+        "critic_won": count["critic", True],
+        "critic_lost": count["critic", False],
+        "sneaky_won": count["sneaky", True],
+        "sneaky_lost": count["sneaky", False],
+        "replayed": len(replayed),
+        "examples": len(data),
+    }
