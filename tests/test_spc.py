@@ -1,7 +1,9 @@
 """SPC: the arithmetic step checker on hand-made solutions (exact first-error indices), the game's
 reward assignment, the plan-time refusal of a task without a step checker; then SPC end to end on a
 very small config (a real tiny model warm-started, playing and trained), and a run SIGKILLed in the
-middle of round 2: the same command finishes it without recomputing any finished stage."""
+middle of round 2: the same command finishes it without recomputing any finished stage; and one round
+with method.update_rule=offline_rl from the same warm start and game (its loss and data:
+tests/test_spc_offline_rl.py)."""
 
 from __future__ import annotations
 
@@ -272,3 +274,32 @@ def test_separate_roles_train_two_models_from_the_same_game(played, tmp_path):
         assert data and {r["meta"]["role"] for r in data} == {role}
         assert (tmp_path / "iter_01" / f"train_{role}" / "model" / "model.safetensors").exists()
     assert not (tmp_path / "iter_01" / "train").exists()
+
+
+@pytest.mark.slow
+def test_offline_rl_update_rule_end_to_end(played, tmp_path):
+    _, root = played  # the warm start, the benchmark and round 1's game are shared; the update is not
+    rows = run(
+        compose_cfg(
+            [
+                *SMALL,
+                "method.rounds=1",
+                "method.update_rule=offline_rl",
+                f"run_dir={tmp_path}",
+                f"store_dir={root / 'store'}",
+            ]
+        )
+    )
+    assert [r["iteration"] for r in rows] == [0, 1] and "critic/f1" in rows[1]
+    events = read_jsonl(tmp_path / "events.jsonl")
+    assert {"warmstart/train", "iter_01/game"} <= {e["stage"] for e in events if e["action"] == "shared"}
+    assert {"iter_01/build", "iter_01/train"} <= {e["stage"] for e in events if e["action"] == "computed"}
+    data = read_jsonl(tmp_path / "iter_01" / "build" / "train.jsonl")
+    moves = [r for r in data if not r["sft"]]
+    assert {r["reward"] for r in moves if r["meta"]["role"] == "critic"} == {1.0, -1.0}, (
+        "won and lost verdicts"
+    )
+    assert any(r["meta"]["role"] == "sneaky" for r in moves) and any(r["sft"] for r in data)
+    counts = json.loads((tmp_path / "iter_01" / "train" / DONE).read_text())["counts"]
+    assert counts["game_rows"] == len(moves) and counts["steps"] == 8
+    assert (tmp_path / "iter_01" / "train" / "model" / "model.safetensors").exists()
