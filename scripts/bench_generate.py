@@ -391,10 +391,10 @@ def print_part1(rows: list[dict], resident_start: float | None, notes: list[str]
         "e": "(e) our vllm resident",
     }
     shown = [k for k in names if k in rows[0]]
-    print("samples/s | tokens/s; seconds:")
+    print("throughput, each cell: samples/s, tokens/s, seconds")
     print(f"{'size':>8} | " + " | ".join(f"{names[k]:>22}" for k in shown))
     for r in rows:
-        cells = (f"{rate(r[k])[0]:7.1f} |{rate(r[k])[1]:7.0f}; {r[k]['seconds']:5.1f}s" for k in shown)
+        cells = (f"{rate(r[k])[0]:7.1f} {rate(r[k])[1]:7.0f} {r[k]['seconds']:5.1f}s" for k in shown)
         print(f"{r['size']:>8} | " + " | ".join(cells))
 
     ratios = [("(b)/(a) hf", "b", "a"), ("(d)/(c) cold", "d", "c_cold"), ("(d)/(c) warm", "d_warm", "c")]
@@ -437,10 +437,18 @@ def peak_bandwidth(device: str, override: float | None) -> tuple[float | None, s
     import torch
 
     name = torch.cuda.get_device_name()
+    gbs = bandwidth_of(name)
+    if gbs is None:
+        return None, f"unknown for {name!r} (not in PEAK_BANDWIDTH_GBS): pass --bandwidth-gbs"
+    return gbs, f"{name}, from the table of peak bandwidths"
+
+
+def bandwidth_of(gpu_name: str) -> float | None:
+    """The first row of PEAK_BANDWIDTH_GBS whose words all appear in the GPU's name."""
     for words, gbs in PEAK_BANDWIDTH_GBS:
-        if all(w.lower() in name.lower() for w in words.split()):
-            return gbs, f"{name}, from the table of peak bandwidths"
-    return None, f"unknown for {name!r} (not in PEAK_BANDWIDTH_GBS): pass --bandwidth-gbs"
+        if all(w.lower() in gpu_name.lower() for w in words.split()):
+            return gbs
+    return None
 
 
 def print_part2(rows: list[dict], params: int, dtype: str, bandwidth: tuple[float | None, str]) -> None:
