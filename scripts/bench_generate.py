@@ -51,14 +51,16 @@ three parts on the random-init 0.5B config in bfloat16 (494 M params, 0.99 GB of
   parts 1-2 vLLM: one resident engine (~37 s: spawn and import ~8, start ~25 with CUDA
       graphs, shutdown ~4) + the first torch.compile of the model (~20) + generation      ~65
   part 3, engine per stage: 6 fresh engines x ~37 + 3 compiles of the new model folders
-      x ~20 (vLLM's compile cache is keyed by the model path) + 3 trains x ~3 (read,
-      scale, write 1 GB) + 6 generations x ~1                                             ~300
+      x ~20 (the hash that keys vLLM 0.32's compile cache includes the model path)
+      + 3 trains x ~3 (read, scale, write 1 GB) + 6 generations x ~1                      ~300
   part 3, resident: one engine ~37 + 3 x (sleep, wake, reload ~4) + trains + generation  ~65
   total                                                                                   ~470 (7.8 min)
-The engine figures are vLLM's startup logs for 0.5-3 B models on an H100 in vLLM's issue tracker
-(engine init 12-34 s, torch.compile 8-20 s, CUDA graph capture 6-17 s); 8 engine starts and 4
-compiles are ~80 % of the estimate, so that is where a first run may differ. Each part prints its
-own wall time and the run its total; if it overruns, run ``--parts 1,2`` and ``--parts 3`` apart.
+Basis of the engine figures: vLLM's startup logs for 1-8 B models on an H100 in vLLM's issue
+tracker (engine init 12-34 s, torch.compile 8-19 s, CUDA graph capture 10-17 s), plus the process
+spawns and imports around them (on this 2-core VM: import vllm 10-13 s, and the engine's own process
+most of the 24 s engine start of an enforce_eager CPU engine whose init took 3 s). 8 engine starts
+and 4 compiles are ~80 % of the estimate, so that is where a first run may differ. Each part prints
+its own wall time and the run its total; if it overruns, run ``--parts 1,2`` and ``--parts 3`` apart.
 """
 
 from __future__ import annotations
