@@ -474,7 +474,7 @@ def print_part2(rows: list[dict], params: int, dtype: str, bandwidth: tuple[floa
         batch = r["tokens"] / r["seconds"]
         bound = f"{per_seq * r['sequences']:11,.0f}" if per_seq else f"{'unknown':>11}"
         line = (
-            f"{r['backend']:>8} | {r['sequences']:>9} | {r['tokens']:>7} | {r['seconds']:7.2f} | {batch:11,.0f} | "
+            f"{r['backend']:>8} | {r['sequences']:>9} | {r['tokens']:>7} | {r['seconds']:7.2f} | {batch:11,.1f} | "
             f"{bound} | {batch / r['sequences']:13,.1f} | {f'{per_seq:9,.0f}' if per_seq else 'unknown':>9} | "
         )
         print(line + (f"{batch / (per_seq * r['sequences']):.4f}" if per_seq else "unknown"))
