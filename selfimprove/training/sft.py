@@ -214,10 +214,10 @@ def lora_config(lora: dict | None):
     )
 
 
-def fitting(records: list[dict], tokenizer, chat: bool, max_length: int) -> tuple[list[dict], int]:
+def fitting(records: list[dict], tokenizer, chat: bool, max_length: int) -> list[dict]:
     """The records whose prompt + completion (+ EOS, as TRL tokenizes them) fit ``max_length``
-    tokens, and the longest length seen. A longer one would be cut by TRL before its final answer
-    and teach the model to stop mid-rationale, so it is left out instead."""
+    tokens. A longer one would be cut by TRL before its final answer and teach the model to stop
+    mid-rationale, so it is left out instead; when none fits, the stage fails with the fix."""
     if chat:
         texts = [
             tokenizer.apply_chat_template(
@@ -231,7 +231,13 @@ def fitting(records: list[dict], tokenizer, chat: bool, max_length: int) -> tupl
         ids = tokenizer([r["prompt"] + r["completion"] for r in records])["input_ids"]
         lengths = [len(x) + 1 for x in ids]
     kept = [r for r, n in zip(records, lengths) if n <= max_length]
-    return kept, max(lengths, default=0)
+    if records and not kept:
+        raise RunError(
+            f"0 of {len(records)} examples fit max_length={max_length} (longest: {max(lengths)} tokens); "
+            "raise the dataset's budgets (dataset.prompt_tokens, dataset.completion_tokens) or this "
+            "stage's max_length"
+        )
+    return kept
 
 
 def unchanged(lm, tokenizer, out: Path, meta: dict) -> dict:
@@ -263,13 +269,7 @@ def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict,
     chat = uses_chat_template(model, tokenizer)
     if not records:  # e.g. no sample was right this iteration and nothing is replayed
         return unchanged(lm, tokenizer, out, {"chat_template": chat})
-    kept, longest = fitting(records, tokenizer, chat, train["max_length"])
-    if not kept:
-        raise RunError(
-            f"0 of {len(records)} examples fit max_length={train['max_length']} (longest: {longest} tokens); "
-            "raise the dataset's budgets (dataset.prompt_tokens, dataset.completion_tokens) or this "
-            "stage's max_length"
-        )
+    kept = fitting(records, tokenizer, chat, train["max_length"])
     dataset = Dataset.from_list(sft_rows(kept, chat))
     peft_config = lora_config(train.get("lora"))
     trainer = SFTTrainer(

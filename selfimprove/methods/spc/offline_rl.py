@@ -25,7 +25,6 @@ import copy
 import os
 from pathlib import Path
 
-from selfimprove.engine.errors import RunError
 from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_json_atomic
 from selfimprove.models import load_model, uses_chat_template
 from selfimprove.training.launch import accelerated, launched
@@ -138,13 +137,7 @@ def offline_rl(
     chat = uses_chat_template(model, tokenizer)
     if not records:
         return unchanged(lm, tokenizer, out, {"chat_template": chat})
-    kept, longest = fitting(records, tokenizer, chat, train["max_length"])
-    if not kept:
-        raise RunError(
-            f"0 of {len(records)} examples fit max_length={train['max_length']} (longest: {longest} tokens); "
-            "raise the dataset's budgets (dataset.prompt_tokens, dataset.completion_tokens) or this "
-            "stage's max_length"
-        )
+    kept = fitting(records, tokenizer, chat, train["max_length"])
     rows = [
         {**row, "reward": float(r["reward"]), "sft": bool(r["sft"])}
         for row, r in zip(sft_rows(kept, chat), kept)
