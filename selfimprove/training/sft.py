@@ -248,11 +248,22 @@ def unchanged(lm, tokenizer, out: Path, meta: dict) -> dict:
     return {"examples": 0, "steps": 0}
 
 
-@stage(name="sft", version=2, resumable=True)
-@accelerated
-def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict, seed: int) -> dict:
-    """Stage: fine-tune ``model`` on ``data``'s prompt/completion records; writes model/ (full
-    weights, or a LoRA adapter with ``train.lora``) and model_meta.json."""
+def fine_tune(
+    out: Path,
+    model: Artifact,
+    data: Artifact,
+    train: dict,
+    hardware: dict,
+    seed: int,
+    make_trainer=None,
+    columns: tuple[str, ...] = (),
+    counts=None,
+) -> dict:
+    """The body of a train stage on ``data``'s prompt/completion records: load ``model``, drop the
+    records too long for ``train.max_length``, train with ``make_trainer(lm, **trainer_kwargs)``
+    (TRL's SFTTrainer by default), save model/ and model_meta.json. ``columns`` are record keys
+    carried into the trainer's rows beside prompt and completion; ``counts(kept)`` adds to the
+    stage's counts."""
     import os
 
     import torch
@@ -270,10 +281,14 @@ def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict,
     if not records:  # e.g. no sample was right this iteration and nothing is replayed
         return unchanged(lm, tokenizer, out, {"chat_template": chat})
     kept = fitting(records, tokenizer, chat, train["max_length"])
-    dataset = Dataset.from_list(sft_rows(kept, chat))
+    rows = [{**row, **{c: r[c] for c in columns}} for row, r in zip(sft_rows(kept, chat), kept)]
     peft_config = lora_config(train.get("lora"))
-    trainer = SFTTrainer(
-        model=lm, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    trainer = (make_trainer or (lambda lm, **kwargs: SFTTrainer(model=lm, **kwargs)))(
+        lm,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
     )
     quiet_trainer(trainer)
     resumed_from = train_resuming(trainer, out)
@@ -287,7 +302,16 @@ def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict,
     return {
         "examples": len(kept),
         "too_long": len(records) - len(kept),
+        **(counts(kept) if counts else {}),
         "lora": peft_config is not None,
         "resumed_from": resumed_from,
         **saved,
     }
+
+
+@stage(name="sft", version=2, resumable=True)
+@accelerated
+def sft(out: Path, model: Artifact, data: Artifact, train: dict, hardware: dict, seed: int) -> dict:
+    """Stage: fine-tune ``model`` on ``data``'s prompt/completion records; writes model/ (full
+    weights, or a LoRA adapter with ``train.lora``) and model_meta.json."""
+    return fine_tune(out, model, data, train, hardware, seed)

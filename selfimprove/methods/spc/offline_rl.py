@@ -16,28 +16,18 @@ trainer is SPAG's (Cheng et al. 2024, Linear95/SPAG ``trainers.py:OfflineWeighte
 
 ``offline_rl_loss`` is that formula on tensors; ``offline_rl_trainer`` is TRL's SFTTrainer (its
 tokenization, completion-only labels, checkpoints) with ``compute_loss`` replaced by it; the
-``spc_offline_rl`` stage is ``training.sft.sft`` with that trainer and a frozen copy of the model.
+``spc_offline_rl`` stage is ``training.sft.fine_tune`` (the sft stage's body) with that trainer and a
+frozen copy of the model.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
-from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_json_atomic
-from selfimprove.models import load_model, uses_chat_template
-from selfimprove.training.launch import accelerated, launched
-from selfimprove.training.sft import (
-    fitting,
-    lora_config,
-    quiet_trainer,
-    save_trained,
-    sft_rows,
-    train_resuming,
-    trainer_args,
-    unchanged,
-)
+from selfimprove.engine.pipeline import Artifact, stage
+from selfimprove.training.launch import accelerated
+from selfimprove.training.sft import fine_tune
 
 
 def mean_logprob(logits, labels):
@@ -97,6 +87,11 @@ def offline_rl_trainer(ref_model, kl_coeff: float, sft_coeff: float, clip: float
                 "sft": torch.tensor([float(r["sft"]) for r in rows]),
             }
 
+        def train(self, *args, **kwargs):
+            result = super().train(*args, **kwargs)
+            del self.ref_model  # not saved, and its memory is free before the save
+            return result
+
         def _set_signature_columns_if_needed(self):  # keep the two columns the loss reads
             super()._set_signature_columns_if_needed()
             self._signature_columns = [*self._signature_columns, "reward", "sft"]
@@ -123,52 +118,22 @@ def offline_rl(
 ) -> dict:
     """Stage: offline RL of ``model`` on ``data``'s rows (prompt, completion, ``reward``, ``sft``)
     with ``rl``'s kl_coeff, sft_coeff and clip; the reference is ``model`` itself, frozen. Writes
-    model/ and model_meta.json, as ``training.sft.sft`` does."""
-    import torch
-    from datasets import Dataset
-    from trl import SFTConfig
+    model/ and model_meta.json, as ``training.sft.sft`` does (the same body, another trainer)."""
 
-    records = read_jsonl(data.file("train.jsonl"))
-    torch.manual_seed(seed)
-    config = SFTConfig(
-        **trainer_args(train, hardware, out, seed), max_length=train["max_length"], packing=False
+    def make_trainer(lm, **kwargs):
+        # the copy is taken before peft wraps lm in place: the round's start model
+        return offline_rl_trainer(
+            copy.deepcopy(lm), rl["kl_coeff"], rl["sft_coeff"], rl["clip"], model=lm, **kwargs
+        )
+
+    return fine_tune(
+        out,
+        model,
+        data,
+        train,
+        hardware,
+        seed,
+        make_trainer=make_trainer,
+        columns=("reward", "sft"),
+        counts=lambda kept: {"game_rows": sum(not r["sft"] for r in kept)},
     )
-    lm, tokenizer = load_model(model, hardware, for_training=True, place=not launched())
-    chat = uses_chat_template(model, tokenizer)
-    if not records:
-        return unchanged(lm, tokenizer, out, {"chat_template": chat})
-    kept = fitting(records, tokenizer, chat, train["max_length"])
-    rows = [
-        {**row, "reward": float(r["reward"]), "sft": bool(r["sft"])}
-        for row, r in zip(sft_rows(kept, chat), kept)
-    ]
-    peft_config = lora_config(train.get("lora"))
-    trainer = offline_rl_trainer(
-        copy.deepcopy(lm),  # before peft wraps lm in place: the round's start model
-        rl["kl_coeff"],
-        rl["sft_coeff"],
-        rl["clip"],
-        model=lm,
-        args=config,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
-    quiet_trainer(trainer)
-    resumed_from = train_resuming(trainer, out)
-    del trainer.ref_model
-    saved = save_trained(trainer, tokenizer, out)
-    if not trainer.is_world_process_zero():
-        return {}
-    meta = {"chat_template": chat}
-    if peft_config is not None:
-        meta["adapter_base"] = os.path.relpath(model.path, out)
-    write_json_atomic(out / "model_meta.json", meta)
-    return {
-        "examples": len(kept),
-        "too_long": len(records) - len(kept),
-        "game_rows": sum(not r["sft"] for r in kept),
-        "lora": peft_config is not None,
-        "resumed_from": resumed_from,
-        **saved,
-    }
