@@ -169,6 +169,23 @@ def test_mixed_seed_lengths_pair_a_longest_operand_with_any_shorter_one_in_eithe
     assert {len(str(r["meta"]["a"])) for r in equal if r["meta"]["level"] == 4} == {4}
 
 
+def test_independent_seed_lengths_draw_both_operand_lengths_uniformly_over_the_seed_levels():
+    """As the reference script: a problem has a 4-digit operand 1 - (3/4)^2 = 44 % of the time with
+    levels 1-4 (25 % per level with `mixed`), every length pair occurs, none is held out."""
+    cfg = plain(compose_cfg(["dataset=reversed_addition", "dataset.seed_lengths=independent"]).dataset)
+    cfg.update(seed_levels=[1, 2, 3, 4], seed_per_level=1000, test_levels=[2, 4])
+    task = tasks.load(cfg)
+    data = task.seed_data()
+    held_out = {r["prompt"] for rows in task.test_sets().values() for r in rows}
+    assert len(data) == 4000 and len({r["id"] for r in data}) == 4000
+    pairs = [(len(str(r["meta"]["a"])), len(str(r["meta"]["b"]))) for r in data]
+    assert set(pairs) == {(i, j) for i in range(1, 5) for j in range(1, 5)}
+    assert all(r["meta"]["level"] == max(p) for r, p in zip(data, pairs))
+    assert 0.40 < sum(r["meta"]["level"] == 4 for r in data) / len(data) < 0.48
+    assert not held_out & {r["prompt"] for r in data}
+    assert data == tasks.load(cfg).seed_data()  # the run seed fixes the set
+
+
 def test_bad_seed_lengths_is_one_line_before_anything_is_written(tmp_path):
     proc = selfimprove(
         "run",
@@ -180,7 +197,7 @@ def test_bad_seed_lengths_is_one_line_before_anything_is_written(tmp_path):
     )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and lines == [
-        "error: dataset.seed_lengths='mix' is not allowed; use one of equal, mixed"
+        "error: dataset.seed_lengths='mix' is not allowed; use one of equal, mixed, independent"
     ], proc.stderr
     assert not (tmp_path / "run").exists()
 

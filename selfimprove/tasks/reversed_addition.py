@@ -26,9 +26,10 @@ from selfimprove.engine.registry import ConfigError
 from selfimprove.tasks.arithmetic import distinct_problems, operands, test_count, with_twins
 from selfimprove.tasks.base import Task
 
-#: dataset.seed_lengths: both operands of a level-n gold problem have n digits, or one has n and the
-#: other 1..n digits (either order), as the lengths are drawn independently in Lee et al.'s data
-SEED_LENGTHS = ("equal", "mixed")
+#: dataset.seed_lengths: both operands of a level-n gold problem have n digits; or one has n and the
+#: other 1..n digits (either order); or both lengths drawn independently and uniformly over the seed
+#: levels, as the reference script and Lee et al.'s data (a problem's level is its longer operand)
+SEED_LENGTHS = ("equal", "mixed", "independent")
 DIGITS = re.compile(r"[0-9]+")
 
 
@@ -114,7 +115,23 @@ class ReversedAddition(Task):
         """What training never sees at a level: its test problems and their b+a twins."""
         return with_twins(self._test_list(digits))
 
+    def _independent_pairs(self, count: int) -> list[tuple[int, int]]:
+        """``count`` problems whose two operand lengths are drawn independently and uniformly over the
+        seed levels (so 36 % have a 5-digit operand with levels 1-5, not 20 %), none held out."""
+        rng = random.Random(f"reversed-seed-{self.cfg['seed']}-independent")
+        levels = self.cfg["seed_levels"]
+        held_out = {d: self._test_pairs(d) for d in levels}
+        out = []
+        while len(out) < count:
+            pair = (self._operand(rng, rng.choice(levels)), self._operand(rng, rng.choice(levels)))
+            if pair not in held_out[max(len(str(n)) for n in pair)]:
+                out.append(pair)
+        return out
+
     def seed_data(self) -> list[dict]:
+        if self.cfg["seed_lengths"] == "independent":
+            pairs = self._independent_pairs(self.cfg["seed_per_level"] * len(self.cfg["seed_levels"]))
+            return [self._record(a, b, "seed", i, gold=True) for i, (a, b) in enumerate(pairs)]
         out = []
         for digits in self.cfg["seed_levels"]:
             for a, b in self._pairs(
