@@ -126,6 +126,7 @@ class TinyModel:
     architecture: str = MISSING
     tokenizer: str = MISSING
     vocab_size: int | None = None
+    characters: str | None = None
     chat_template: bool = MISSING
     hidden_size: int = MISSING
     num_layers: int = MISSING

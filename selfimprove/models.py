@@ -28,14 +28,15 @@ SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 CHARACTERS = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
 
 
-def char_tokenizer(bos: bool = False):
+def char_tokenizer(bos: bool = False, characters: str | None = None):
     """A character-level tokenizer that round-trips through save/from_pretrained and loads in vLLM;
-    with ``bos`` it starts every text with ``<s>`` (when special tokens are added)."""
+    with ``bos`` it starts every text with ``<s>`` (when special tokens are added); ``characters``:
+    the only ones it knows (others become <unk>), instead of every printable one."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
-    for ch in CHARACTERS:
+    for ch in CHARACTERS if characters is None else characters:
         vocab[ch] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -94,11 +95,28 @@ def bpe_tokenizer(vocab_size: int):
     return tokenizer
 
 
+def check_characters(model_cfg) -> None:
+    """``model.characters``: null, or distinct printable characters for the char tokenizer."""
+    characters = model_cfg.get("characters")
+    if characters is not None and (
+        model_cfg.get("tokenizer", "char") != "char"
+        or not isinstance(characters, str)
+        or not characters
+        or len(set(characters)) < len(characters)
+        or not set(characters) <= set(CHARACTERS)
+    ):
+        raise ConfigError(
+            f"model.characters={characters!r} must be distinct printable characters (e.g. '0123456789+='), "
+            "with model.tokenizer=char; or null for all printable ones"
+        )
+
+
 def tiny_tokenizer(model_cfg: dict):
     """The tokenizer of a local model: characters (with an optional BOS) or byte-level BPE."""
     kind = model_cfg.get("tokenizer", "char")
+    check_characters(model_cfg)
     if kind == "char":
-        return char_tokenizer(bos=model_cfg["bos"])
+        return char_tokenizer(bos=model_cfg["bos"], characters=model_cfg.get("characters"))
     if kind == "bpe":
         if not model_cfg.get("vocab_size") or model_cfg["vocab_size"] < 300:
             raise ConfigError(

@@ -233,6 +233,10 @@ def check_settings(cfg: DictConfig) -> None:
     check_keys(cfg)
     check_ranges(cfg)
     check_model_source(cfg.model)
+    if cfg.model.source == "tiny":
+        from selfimprove.models import check_characters
+
+        check_characters(cfg.model)
     check_dataset_sources(cfg.dataset)
 
 

@@ -57,3 +57,29 @@ def test_tiny_model_is_deterministic_and_loads_with_from_pretrained(tmp_path):
 def test_head_dim_that_vllm_rejects_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="head_dim 16"):
         build_tiny(tiny_model_cfg(hidden_size=64, num_heads=4), tmp_path, seed=0)
+
+
+def test_characters_limit_the_vocabulary_and_the_model_built_on_it(tmp_path):
+    """model.characters: the tokenizer knows the specials and those characters only (a task's whole
+    alphabet: 17 tokens for reversed addition instead of 100), so the embedding has no unused rows."""
+    build_tiny(tiny_model_cfg(characters="0123456789+=", bos=True), tmp_path, seed=0)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert len(tok) == model.config.vocab_size == len(char_tokenizer()) - 84
+    ids = tok("52+3=")["input_ids"]
+    assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]) == "52+3=" and len(ids) == 6
+    assert tok("x")["input_ids"][1:] == [tok.unk_token_id]
+
+
+@pytest.mark.parametrize("characters", ["", "0123456789+=0", "é+"])
+def test_bad_characters_are_one_line_before_anything_is_written(characters, tmp_path):
+    from tests.conftest import selfimprove
+
+    proc = selfimprove(
+        "run", f"model.characters='{characters}'", f"run_dir={tmp_path / 'run'}", cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: model.characters={characters!r} must be distinct printable characters (e.g. '0123456789+='), "
+        "with model.tokenizer=char; or null for all printable ones"
+    ], proc.stderr
+    assert not (tmp_path / "run").exists()
