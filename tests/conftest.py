@@ -25,10 +25,6 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     # `pytest -n auto` runs one worker per core: one torch thread each (and in the runs they start),
     # so workers do not fight over cores. The tiny models gain little from a second thread.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # vLLM's CPU engines (tests/test_vllm.py runs on two workers): each worker's on its own core
-    worker = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw") or 0)
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(worker % (os.cpu_count() or 1)))
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 # A STaR run small enough for a test (~20 s): few steps, few prompts, two iterations
 # (conf/debug/: the sizes per model, method and dataset; what users run as a smoke test).
