@@ -97,14 +97,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules marked ``longest`` first: ``pytest -n auto --dist loadgroup`` hands groups to workers in
     collection order, and the STaR module (~5 min) collected last kept one core idle for minutes.
     Every module is one group (its tests share module-scoped fixtures on one worker), except the
-    SPREAD ones, whose tests go to whichever worker is free, and a test that names its own group.
+    SPREAD ones, whose tests go to whichever worker is free.
     NOT IN EFFECT with pytest 9.2 and pytest-xdist 3.8: xdist marks a group by rewriting
     ``item._nodeid``, which pytest 9.2's ``nodeid`` (``str(item._id)``) no longer reads, so every test
     goes to whichever worker is free and a module's fixtures are set up once per worker that runs
     one of its tests (measured: a 2-test module with a module fixture set it up on both workers)."""
     items.sort(key=lambda item: item.get_closest_marker("longest") is None)
     for item in items:
-        if item.module.__name__ not in SPREAD and item.get_closest_marker("xdist_group") is None:
+        if item.module.__name__ not in SPREAD:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 

@@ -61,7 +61,7 @@ def test_head_dim_that_vllm_rejects_is_a_config_error(tmp_path):
 
 def test_characters_limit_the_vocabulary_and_the_model_built_on_it(tmp_path):
     """model.characters: the tokenizer knows the specials and those characters only (a task's whole
-    alphabet: 17 tokens for reversed addition instead of 100), so the embedding has no unused rows."""
+    alphabet: 16 tokens for reversed addition instead of 100), so the embedding has no unused rows."""
     build_tiny(tiny_model_cfg(characters="0123456789+=", bos=True), tmp_path, seed=0)
     tok = AutoTokenizer.from_pretrained(tmp_path / "model")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")

@@ -86,22 +86,33 @@ class ReversedAddition(Task):
         """n+1 digits when answers are zero-padded, else n or n+1 (a carry out of the top digit)."""
         return [digits + 1] if self.cfg["pad_answers"] else [digits, digits + 1]
 
-    def _pairs(self, key: str, digits: int, count: int, mixed: bool = False) -> list[tuple[int, int]]:
-        """``count`` problems, none a test problem or its b+a twin;
-        ``mixed``: the second operand has 1..``digits`` digits and the two are in random order."""
-        rng = random.Random(key)
-        test = self._test_pairs(digits)
+    def _drawn(self, count: int, draw) -> list[tuple[int, int]]:
+        """``count`` pairs from ``draw()``, none a test problem or its b+a twin (at the level of its
+        longer operand)."""
+        held_out: dict[int, set[tuple[int, int]]] = {}
         out = []
         while len(out) < count:
+            pair = draw()
+            level = max(len(str(n)) for n in pair)
+            if level not in held_out:
+                held_out[level] = self._test_pairs(level)
+            if pair not in held_out[level]:
+                out.append(pair)
+        return out
+
+    def _pairs(self, key: str, digits: int, count: int, mixed: bool = False) -> list[tuple[int, int]]:
+        """``count`` problems of ``digits`` digits, none held out; ``mixed``: the second operand has
+        1..``digits`` digits and the two are in random order."""
+        rng = random.Random(key)
+
+        def draw() -> tuple[int, int]:
             pair = (
                 self._operand(rng, digits),
                 self._operand(rng, rng.randint(1, digits) if mixed else digits),
             )
-            if mixed and rng.random() < 0.5:
-                pair = pair[::-1]
-            if pair not in test:
-                out.append(pair)
-        return out
+            return pair[::-1] if mixed and rng.random() < 0.5 else pair
+
+        return self._drawn(count, draw)
 
     def _test_list(self, digits: int) -> list[tuple[int, int]]:
         """A level's test problems: distinct (a+b and b+a are one), at most half the level's."""
@@ -120,13 +131,9 @@ class ReversedAddition(Task):
         seed levels (so 36 % have a 5-digit operand with levels 1-5, not 20 %), none held out."""
         rng = random.Random(f"reversed-seed-{self.cfg['seed']}-independent")
         levels = self.cfg["seed_levels"]
-        held_out = {d: self._test_pairs(d) for d in levels}
-        out = []
-        while len(out) < count:
-            pair = (self._operand(rng, rng.choice(levels)), self._operand(rng, rng.choice(levels)))
-            if pair not in held_out[max(len(str(n)) for n in pair)]:
-                out.append(pair)
-        return out
+        return self._drawn(
+            count, lambda: (self._operand(rng, rng.choice(levels)), self._operand(rng, rng.choice(levels)))
+        )
 
     def seed_data(self) -> list[dict]:
         if self.cfg["seed_lengths"] == "independent":
