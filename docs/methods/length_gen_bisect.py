@@ -377,7 +377,7 @@ def main():
         batch_fn = fresh
         if args.data:
             rows = [json.loads(line) for line in open(args.data)]
-            fixed = [(enc(r["prompt"]), enc(r["completion"]) + [EOS]) for r in rows]
+            fixed = [(([BOS] if BOS is not None else []) + enc(r["prompt"]), enc(r["completion"]) + [EOS]) for r in rows]
             log(f"fixed set: {len(fixed)} examples from {args.data}")
             order = []
 
