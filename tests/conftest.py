@@ -25,6 +25,10 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     # `pytest -n auto` runs one worker per core: one torch thread each (and in the runs they start),
     # so workers do not fight over cores. The tiny models gain little from a second thread.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # vLLM's CPU engines (tests/test_vllm.py runs on two workers): each worker's on its own core
+    worker = int(os.environ["PYTEST_XDIST_WORKER"].removeprefix("gw") or 0)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(worker % (os.cpu_count() or 1)))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 # A STaR run small enough for a test (~20 s): few steps, few prompts, two iterations
 # (conf/debug/: the sizes per model, method and dataset; what users run as a smoke test).
@@ -97,14 +101,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules marked ``longest`` first: ``pytest -n auto --dist loadgroup`` hands groups to workers in
     collection order, and the STaR module (~5 min) collected last kept one core idle for minutes.
     Every module is one group (its tests share module-scoped fixtures on one worker), except the
-    SPREAD ones, whose tests go to whichever worker is free.
-    NOT IN EFFECT with pytest 9.2 and pytest-xdist 3.8: xdist marks a group by rewriting
-    ``item._nodeid``, which pytest 9.2's ``nodeid`` (``str(item._id)``) no longer reads, so every test
-    goes to whichever worker is free and a module's fixtures are set up once per worker that runs
-    one of its tests (measured: a 2-test module with a module fixture set it up on both workers)."""
+    SPREAD ones, whose tests go to whichever worker is free, and a test that names its own group.
+    Needs pytest < 9.2 (.ci/constraints.txt): xdist marks a group by rewriting ``item._nodeid``,
+    which pytest 9.2's ``nodeid`` (``str(item._id)``) no longer reads, so there every test goes to
+    whichever worker is free and a module's fixtures are set up once per worker (measured with
+    pytest-xdist 3.8: a 6-test group went to one worker with 9.1.1, to both with 9.2.0)."""
     items.sort(key=lambda item: item.get_closest_marker("longest") is None)
     for item in items:
-        if item.module.__name__ not in SPREAD:
+        if item.module.__name__ not in SPREAD and item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 

@@ -244,6 +244,10 @@ def test_resident_engine_takes_a_fine_tune_and_closes_its_processes(setup):
     assert kept[0] != kept[1], "the fine-tune's weights are served, not the old ones"
 
 
+# its own xdist group, started first (.ci/run: pytest -n auto): its four runs (~5 min) on one worker
+# while the module's other tests use the other
+@pytest.mark.longest
+@pytest.mark.xdist_group("vllm-runs")
 def test_sigkill_during_generate_then_train_resumes_to_the_per_stage_engines_metrics(tmp_path):
     """The resident engine is a cache: a run killed while generating, then while training, ends
     with the samples and metrics of an uninterrupted run with an engine per stage (per-request

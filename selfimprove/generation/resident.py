@@ -287,6 +287,7 @@ class Engines:
     def __init__(self):
         self.workers: dict[int, Worker] = {}
         self.progress = None
+        self.calls = 0  # numbers each run's jobs: their progress messages carry it
         self.counts: Counter = Counter()
         self.said: set[str] = set()
 
@@ -303,19 +304,21 @@ class Engines:
 
     def run(self, jobs: list[dict], advance: Callable[[int], None]) -> list[dict]:
         """Each job on its shard's engine, all at once; progress as the workers report it."""
-        from selfimprove.generation.vllm import received
+        from selfimprove.generation.vllm import progress_key, received
 
+        self.calls += 1
+        jobs = [{**job, "call": self.calls} for job in jobs]
         workers = [self.worker(k, job.get("env", {})) for k, job in enumerate(jobs)]
         try:
             for w, job in zip(workers, jobs):
                 w.send(job)
             results: dict[int, dict] = {}
-            done = {job.get("first", 0): 0 for job in jobs}
+            done = {progress_key(job): 0 for job in jobs}
             while len(results) < len(jobs):
-                for first, finished in received(self.progress, timeout=0.2):
-                    if first in done:  # not a late message of an earlier job
-                        advance(finished - done[first])
-                        done[first] = finished
+                for key, finished in received(self.progress, timeout=0.2):
+                    if key in done:  # not a late message of an earlier call
+                        advance(finished - done[key])
+                        done[key] = finished
                 for k, w in enumerate(workers):
                     if k not in results:
                         reply = w.result()

@@ -131,15 +131,22 @@ def run_in_subprocesses(jobs: list[dict], advance: Callable[[int], None] = lambd
     queue = spawn.Queue()  # handed over at the children's start (initargs): the only way to share one
     with ProcessPoolExecutor(len(jobs), mp_context=spawn, initializer=report_to, initargs=(queue,)) as pool:
         futures = [pool.submit(run_engine, job) for job in jobs]
-        done = {job.get("first", 0): 0 for job in jobs}
+        done = {progress_key(job): 0 for job in jobs}
         while not all(f.done() for f in futures):
-            for first, finished in received(queue, timeout=0.2):
-                advance(finished - done[first])
-                done[first] = finished
+            for key, finished in received(queue, timeout=0.2):
+                advance(finished - done[key])
+                done[key] = finished
         received(queue, timeout=0)  # what is left, so that no child waits to flush it
         results = [f.result() for f in futures]
     advance(sum(len(job["prompts"]) for job in jobs) - sum(done.values()))
     return results
+
+
+def progress_key(job: dict) -> tuple[int, int]:
+    """What a job's progress messages are keyed by: the call that sent it (a resident engine's
+    jobs are numbered, so a late message of an earlier call is not counted in the next) and the
+    first prompt of its slice (one engine's share of a data-parallel call)."""
+    return job.get("call", 0), job.get("first", 0)
 
 
 def received(queue, timeout: float) -> list:
@@ -161,9 +168,9 @@ def report_to(queue) -> None:
     _progress_queue = queue
 
 
-def progress_reporter(first: int, prompts: int):
-    """vLLM's ``use_tqdm`` accepts a tqdm class: this one draws nothing and sends (first prompt of
-    this engine's slice, prompts done) to the parent. vLLM counts finished requests (with n > 1,
+def progress_reporter(key: tuple[int, int], prompts: int):
+    """vLLM's ``use_tqdm`` accepts a tqdm class: this one draws nothing and sends (the job's
+    :func:`progress_key`, prompts done) to the parent. vLLM counts finished requests (with n > 1,
     samples on some versions), so the share done is converted to prompts."""
     from tqdm import tqdm
 
@@ -171,7 +178,7 @@ def progress_reporter(first: int, prompts: int):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **{**kwargs, "file": open(os.devnull, "w")})
             if self.iterable is None and _progress_queue is not None:
-                _progress_queue.put((first, 0))  # generation starts: the parent shows its bar now
+                _progress_queue.put((key, 0))  # generation starts: the parent shows its bar now
 
         sent = 0
 
@@ -181,7 +188,7 @@ def progress_reporter(first: int, prompts: int):
             if self.iterable is None and self.total and _progress_queue is not None:
                 finished = min(prompts, round(self.n * prompts / self.total))
                 if finished != self.sent:
-                    _progress_queue.put((first, finished))
+                    _progress_queue.put((key, finished))
                     self.sent = finished
             return shown
 
@@ -269,7 +276,7 @@ def generate_on(llm, job: dict, lora_id: int = 1) -> dict:
         texts,
         params,
         lora_request=lora,
-        use_tqdm=progress_reporter(job.get("first", 0), len(job["prompts"])),
+        use_tqdm=progress_reporter(progress_key(job), len(job["prompts"])),
         tokenization_kwargs={"add_special_tokens": special_tokens},
     )
     return {"completions": [[completion(c, s.get("logprobs")) for c in out.outputs] for out in outputs]}
