@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from selfimprove import generation, optuna_sweep, preflight, validation
+from selfimprove import generation, local_sweep, optuna_sweep, preflight, validation
 from selfimprove.config import PLANNING_FOR_GPUS, register_configs
 from selfimprove.engine.errors import INTERRUPTED, StageFailed, explain
 from selfimprove.engine.pipeline import Run, StopRequested, matches_stop, refusal, write_text_atomic
@@ -226,16 +227,21 @@ def run(cfg: DictConfig) -> list[dict]:
     from rich.markup import escape
 
     console = Console(highlight=False)
+    prefix = escape(os.environ.get(local_sweep.PREFIX_ENV, ""))  # jobs side by side: whose line it is
+
+    def say(message: str) -> None:
+        console.print(prefix + message, soft_wrap=bool(prefix))  # wrapped lines would lose the prefix
+
     quiet_libraries()
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
     root = run_dir_of(cfg)
-    planned, notes = prepare(cfg, root, say=lambda msg: console.print(msg))
+    planned, notes = prepare(cfg, root, say=say)
     for note in notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+        say(f"[yellow]note:[/] {escape(note)}")
 
     done = sum(s.state == "done" for s in planned.plan)
-    console.print(f"[bold]run directory:[/] {root}  ({done}/{len(planned.plan)} stages already done)")
+    say(f"[bold]run directory:[/] {root}  ({done}/{len(planned.plan)} stages already done)")
     store = store_of(cfg, root)
     started = time.time()
     with Run(
@@ -243,7 +249,7 @@ def run(cfg: DictConfig) -> list[dict]:
         stop_after=cfg.stop_after,
         on_change=planned.on_change,
         neutral=planned.neutral,
-        log=console.print,
+        log=say,
         store=store,
         context=planned.context,
         seed=planned.seed,
@@ -260,14 +266,14 @@ def run(cfg: DictConfig) -> list[dict]:
         finally:  # resident vLLM engines and cached models end with the run, however it ends
             generation.close()
         if r.stopped_after:
-            console.print(f"[yellow]stopped after {r.stopped_after}[/]; rerun without stop_after to continue")
+            say(f"[yellow]stopped after {r.stopped_after}[/]; rerun without stop_after to continue")
         rows = r.metrics()
         counts = r.counts
         if not r.stopped_after and rows:
             tracker.log_report(root)
     tracker.close()
     print_table(console, rows)
-    console.print(
+    say(
         f"{counts['computed']} stages computed, {counts['reused']} reused, {counts['shared']} shared, "
         f"{time.time() - started:.0f}s; run directory: {root}"
     )
@@ -282,7 +288,8 @@ def hydra_main() -> None:
 
     @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
     def _main(cfg: DictConfig) -> float | None:
-        code = run_reporting_errors(cfg)
+        with local_sweep.slot(run_dir_of(cfg).name):  # a job of a side-by-side sweep: its cores
+            code = run_reporting_errors(cfg)
         if optuna_sweep.is_trial():  # the study reads the trial's objective from what the job returns
             return optuna_sweep.trial_value(cfg, code)
         if code:  # success returns, so that a -m sweep goes on to its next job

@@ -240,6 +240,7 @@ def run_command(args: list[str]) -> int:
     overrides = [a for a in args if not a.startswith("-") and "=" in a]
     multirun = "-m" in args or "--multirun" in args
     inspecting = any(a in ("--cfg", "-c", "--info", "-i") for a in args)  # print the config: no plan
+    jobs = []  # (config, plan) of each job, as checked
     if not any(a in ("--help", "-h", "--hydra-help") for a in args) and not any(
         a.startswith(("--config-dir", "-cd", "--config-path", "-cp")) for a in args
     ):
@@ -247,7 +248,7 @@ def run_command(args: list[str]) -> int:
             check_group_choices(overrides)
             for _, cfg, root in composed_jobs(overrides, multirun):  # a wrong type or unknown key fails here
                 if not inspecting:  # a run that cannot work is refused before Hydra starts a job
-                    prepare(cfg, root)
+                    jobs.append((cfg, prepare(cfg, root)[0]))
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -259,6 +260,8 @@ def run_command(args: list[str]) -> int:
         extra.append("--resolve")  # the values a run gets, not the interpolations that derive them
     if multirun and not any(o.startswith("hydra.sweep.dir=") for o in overrides):
         extra.append(f"hydra.sweep.dir='{sweep_dir(overrides)}'")  # quoted: the name holds '=' and ','"
+    if multirun and jobs:
+        extra += parallel_jobs(overrides, jobs)
     unknown = [a for a in args if a.startswith("-") and a not in hydra_flags and not a.startswith("--")]
     if unknown:
         print(
@@ -271,6 +274,31 @@ def run_command(args: list[str]) -> int:
     sys.argv = ["selfimprove", *args, *extra]
     hydra_main()
     return 0
+
+
+def parallel_jobs(overrides: list[str], jobs: list) -> list[str]:
+    """The overrides that run a CPU sweep's jobs side by side (local_sweep.py), said in one line."""
+    from hydra import compose
+
+    from selfimprove import local_sweep
+
+    with config_context():
+        hydra_cfg = compose(
+            config_name="config", overrides=plain_overrides(overrides), return_hydra_config=True
+        )
+    study = optuna_sweep.is_optuna(hydra_cfg.hydra.sweeper)
+    chosen = local_sweep.side_by_side(overrides, jobs, study)
+    if chosen is None:
+        return []
+    at_once, threads = chosen
+    where = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.sweep.dir=")), None)
+    print(
+        f"sweep: {len(jobs)} jobs, {at_once} at a time with {threads} thread{'s' * (threads > 1)} each "
+        "(hydra/launcher=basic: one after another)",
+        flush=True,
+    )
+    launcher = local_sweep.overrides_for(at_once, threads, where or sweep_dir(overrides))
+    return [o for o in launcher if not local_sweep.user_chose(overrides, o.split("=", 1)[0] + "=")]
 
 
 def plan_command(args: list[str]) -> int:

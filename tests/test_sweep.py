@@ -26,7 +26,9 @@ SMALL = [
     "dataset.test_levels=[2]",
     "dataset.test_per_level=8",
 ]
-SWEEP = ["run", "-m", *SMALL, "method.train.steps=4,6", "logger=wandb"]
+# one job after another (the default runs them side by side, tests/test_local_sweep.py): job 2 then
+# finds job 1's stages in the store
+SWEEP = ["run", "-m", *SMALL, "method.train.steps=4,6", "logger=wandb", "hydra/launcher=basic"]
 SHARED = ["init", "warmstart/data", "warmstart/train", "warmstart/eval"]
 SHARED += ["iter_01/prompts", "iter_01/generate", "iter_01/score", "iter_01/build"]
 

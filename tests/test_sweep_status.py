@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 
 # TINY_RUN with one iteration: a sweep of four jobs in about a minute
 SMALL = [*TINY_RUN, "method.iterations=1", "method.warmstart.steps=20", "dataset.test_per_level=8"]
-SWEEP = ["run", "-m", *SMALL, "method.train.steps=2,3,4,5"]
+# one job after another (the default runs them side by side, tests/test_local_sweep.py)
+SERIAL = "hydra/launcher=basic"
+SWEEP = ["run", "-m", *SMALL, "method.train.steps=2,3,4,5", SERIAL]
 
 
 def status_rows(text: str) -> dict[str, list[str]]:
@@ -109,7 +111,7 @@ def test_status_of_the_killed_sweep_and_after_the_rerun(killed_sweep):
 
 
 def test_status_of_a_failed_job_is_its_one_line_error_and_the_rest_pending(tmp_path):
-    sweep = ["run", "-m", *SMALL, "method.warmstart.max_length=6,7"]
+    sweep = ["run", "-m", *SMALL, "method.warmstart.max_length=6,7", SERIAL]
     proc = selfimprove(*sweep, cwd=tmp_path, check=False)
     assert proc.returncode == 1, proc.stderr
     out = status(tmp_path)

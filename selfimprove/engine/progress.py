@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 MODE_ENV = "SELFIMPROVE_PROGRESS"
+#: a prefix for plain lines: the job's name while a sweep's jobs run side by side (local_sweep.py)
+LINE_PREFIX_ENV = "SELFIMPROVE_LINE_PREFIX"
 #: plain lines: none for work that ends within this many seconds (its stage line says it all)
 PLAIN_AFTER_S = 1.0
 #: plain lines: one each time the work crosses another tenth of its total
@@ -118,7 +120,7 @@ class Bar:
         percent = 100 * self.completed // self.total
         notes = f"  {self.shown_notes()}" if self.notes else ""
         return (
-            f"  {self.description} {self.completed}/{self.total} {self.unit} ({percent}%){notes}"
+            f"{os.environ.get(LINE_PREFIX_ENV, '')}  {self.description} {self.completed}/{self.total} {self.unit} ({percent}%){notes}"
             f"  elapsed {clock(elapsed)}  ETA {clock(left)}"
         )
 
