@@ -123,6 +123,7 @@ class Arch:
 class TinyModel:
     source: str = MISSING
     name: str = MISSING
+    init_seed: int | None = None
     architecture: str = MISSING
     tokenizer: str = MISSING
     vocab_size: int | None = None

@@ -212,7 +212,10 @@ MODEL_SOURCES = Registry(
 
 @stage(name="init_model", version=1)
 def init_model(out: Path, model: dict, seed: int) -> dict:
-    """Stage: the starting model of a run."""
+    """Stage: the starting model of a run, drawn from ``model.init_seed`` when set (a local model),
+    else from the run's seed."""
+    if model.get("init_seed") is not None:
+        seed = model["init_seed"]
     return MODEL_SOURCES.get(model["source"])(model, out, seed)
 
 

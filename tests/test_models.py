@@ -83,3 +83,31 @@ def test_bad_characters_are_one_line_before_anything_is_written(characters, tmp_
         "with model.tokenizer=char; or null for all printable ones"
     ], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_init_seed_draws_the_weights_apart_from_the_run_seed(tmp_path):
+    """model.init_seed=1 in a seed-0 run gives seed 1's initial weights (the data, sampling and
+    training keep seed 0); null keeps the run seed's, and the stage's fingerprint of before."""
+    from selfimprove.app import fingerprint_neutral
+    from selfimprove.engine.pipeline import fingerprint_of
+    from selfimprove.models import init_model
+
+    def weights(folder):
+        return AutoModelForCausalLM.from_pretrained(folder / "model").state_dict()
+
+    for name, cfg, seed in (("s1", tiny_model_cfg(), 1), ("i1", tiny_model_cfg(init_seed=1), 0)):
+        init_model(tmp_path / name, cfg, seed=seed)
+    init_model(tmp_path / "s0", tiny_model_cfg(init_seed=None), seed=0)
+    s0, s1, i1 = (weights(tmp_path / n) for n in ("s0", "s1", "i1"))
+    assert all(torch.equal(i1[k], s1[k]) for k in s1)
+    assert not torch.equal(i1["model.embed_tokens.weight"], s0["model.embed_tokens.weight"])
+    before = {k: v for k, v in tiny_model_cfg().items() if k != "init_seed"}  # a run made before the key
+    fingerprints = {
+        fingerprint_of(init_model, {"model": m, "seed": 0}, fingerprint_neutral())
+        for m in (before, tiny_model_cfg(init_seed=None))
+    }
+    assert len(fingerprints) == 1
+    assert (
+        fingerprint_of(init_model, {"model": tiny_model_cfg(init_seed=1), "seed": 0}, fingerprint_neutral())
+        not in fingerprints
+    )
