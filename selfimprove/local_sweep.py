@@ -60,15 +60,16 @@ def side_by_side(
     except ImportError:  # installed with selfimprove; a trimmed install runs the jobs one by one
         return None
     cores = len(os.sched_getaffinity(0))
-    threads = next(
-        (int(o.split("=", 1)[1]) for o in overrides if o.startswith("hardware.num_threads=")), None
-    )
+    threads = {cfg.hardware.num_threads for cfg, _ in jobs}
+    if user_chose(overrides, "hardware.num_threads=") and (len(threads) > 1 or None in threads):
+        return None  # swept or null thread counts: the user's own arrangement
+    threads = threads.pop() if user_chose(overrides, "hardware.num_threads=") else None
     at_once = min(len(jobs), max(1, cores // threads) if threads else cores)
-    peak = max((job_peak(cfg, planned) for cfg, planned in jobs), default=None)
-    if peak is None:  # a model whose size is unknown here: no guess at how many fit
+    peaks = [job_peak(cfg, planned) for cfg, planned in jobs]
+    if None in peaks:  # a model whose size is unknown here: no guess at how many fit
         return None
     ram = preflight.memory_of({"device": "cpu", "memory_gb": None})
-    at_once = min(at_once, max(1, int(MEMORY_SHARE * ram // peak)))
+    at_once = min(at_once, max(1, int(MEMORY_SHARE * ram // max(peaks))))
     if at_once < 2:
         return None
     return at_once, threads or max(1, cores // at_once)
