@@ -286,8 +286,11 @@ def parallel_jobs(overrides: list[str], jobs: list) -> list[str]:
         hydra_cfg = compose(
             config_name="config", overrides=plain_overrides(overrides), return_hydra_config=True
         )
-    study = optuna_sweep.is_optuna(hydra_cfg.hydra.sweeper)
-    chosen = local_sweep.side_by_side(overrides, jobs, study)
+    # an Optuna study (its own n_jobs) or a launcher an experiment file names: left as they are
+    own_way = optuna_sweep.is_optuna(hydra_cfg.hydra.sweeper) or not str(
+        hydra_cfg.hydra.launcher._target_
+    ).endswith("BasicLauncher")
+    chosen = local_sweep.side_by_side(overrides, jobs, own_way)
     if chosen is None:
         return []
     at_once, threads = chosen

@@ -43,15 +43,15 @@ def user_chose(overrides: list[str], *keys: str) -> bool:
 
 
 def side_by_side(
-    overrides: list[str], jobs: list[tuple[object, object]], study: bool
+    overrides: list[str], jobs: list[tuple[object, object]], own_way: bool
 ) -> tuple[int, int] | None:
     """(jobs at once, threads per job) for a sweep of ``jobs`` ((config, plan) each, as ``run``
-    checked them), or None: one after another, as Hydra's default launcher does. ``study``: an
-    Optuna sweep, whose trials come ``hydra.sweeper.n_jobs`` at a time (left alone)."""
+    checked them), or None: one after another, as Hydra's default launcher does. ``own_way``: the
+    sweep has its own arrangement (an Optuna study's ``n_jobs``, a launcher its experiment names)."""
     from selfimprove import preflight
     from selfimprove.engine.pipeline import plain
 
-    if study or len(jobs) < 2 or user_chose(overrides, "hydra/launcher", "hydra.launcher."):
+    if own_way or len(jobs) < 2 or user_chose(overrides, "hydra/launcher", "hydra.launcher."):
         return None
     if any(preflight.device_of(plain(cfg.hardware)) != "cpu" for cfg, _ in jobs):
         return None
