@@ -227,7 +227,7 @@ def run(cfg: DictConfig) -> list[dict]:
     from rich.markup import escape
 
     console = Console(highlight=False)
-    prefix = escape(os.environ.get(local_sweep.PREFIX_ENV, ""))  # jobs side by side: whose line it is
+    prefix = escape(os.environ.get(local_sweep.LINE_PREFIX_ENV, ""))  # jobs side by side: whose line it is
 
     def say(message: str) -> None:
         console.print(prefix + message, soft_wrap=bool(prefix))  # wrapped lines would lose the prefix

@@ -29,8 +29,6 @@ from selfimprove.engine.progress import LINE_PREFIX_ENV
 #: set by the CLI for the sweep's jobs: "<jobs at once>:<threads per job>:<bind|keep>:<sweep directory>"
 #: (keep: the user set VLLM_CPU_OMP_THREADS_BIND, which then stays)
 SLOTS_ENV = "SELFIMPROVE_SWEEP_SLOTS"
-#: the job's name at the start of each output line while jobs run side by side
-PREFIX_ENV = LINE_PREFIX_ENV
 #: where a vLLM CPU engine binds its threads, and how many cores it keeps for its own process
 VLLM_BIND = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
 #: share of the RAM the jobs' peak-memory estimates may take together
@@ -60,10 +58,12 @@ def side_by_side(
     except ImportError:  # installed with selfimprove; a trimmed install runs the jobs one by one
         return None
     cores = len(os.sched_getaffinity(0))
-    threads = {cfg.hardware.num_threads for cfg, _ in jobs}
-    if user_chose(overrides, "hardware.num_threads=") and (len(threads) > 1 or None in threads):
-        return None  # swept or null thread counts: the user's own arrangement
-    threads = threads.pop() if user_chose(overrides, "hardware.num_threads=") else None
+    threads = None  # per job: cores // jobs at once, unless the command gives a count
+    if user_chose(overrides, "hardware.num_threads="):
+        counts = {cfg.hardware.num_threads for cfg, _ in jobs}
+        if len(counts) > 1 or None in counts:
+            return None  # swept or null thread counts: the user's own arrangement
+        (threads,) = counts
     at_once = min(len(jobs), max(1, cores // threads) if threads else cores)
     peaks = [job_peak(cfg, planned) for cfg, planned in jobs]
     if None in peaks:  # a model whose size is unknown here: no guess at how many fit
@@ -112,8 +112,8 @@ def slot(job_name: str) -> Iterator[int | None]:
         except BlockingIOError:
             handle.close()
             continue
-        saved = {key: os.environ.get(key) for key in (PREFIX_ENV, *VLLM_BIND)}
-        os.environ[PREFIX_ENV] = f"{job_name} │ "
+        saved = {key: os.environ.get(key) for key in (LINE_PREFIX_ENV, *VLLM_BIND)}
+        os.environ[LINE_PREFIX_ENV] = f"{job_name} │ "
         if bind == "bind":
             os.environ.update(cores_env(k, int(threads)))
         try:

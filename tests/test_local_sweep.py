@@ -84,7 +84,7 @@ def test_each_job_at_once_holds_its_own_slot_and_cores(tmp_path, monkeypatch):
         cores_a = os.environ[local_sweep.VLLM_BIND[0]]
         with local_sweep.slot("b") as second:
             cores_b = os.environ[local_sweep.VLLM_BIND[0]]
-            assert os.environ[local_sweep.PREFIX_ENV] == "b │ "
+            assert os.environ[local_sweep.LINE_PREFIX_ENV] == "b │ "
     assert (first, second) == (0, 1)
     if len(os.sched_getaffinity(0)) >= 2:
         assert cores_a != cores_b
