@@ -333,6 +333,7 @@ class LengthGen:
     filter: str = MISSING
     history: bool = MISSING
     replay_min: int = MISSING
+    advance_at: float | None = None
     # a Curriculum or None; typed Any like Train.lora (OmegaConf cannot merge a dict into a None
     # structured node), checked by methods/length_gen.py against Curriculum's fields
     curriculum: Any = None

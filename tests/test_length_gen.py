@@ -26,7 +26,8 @@ def test_one_round_labels_longer_problems_and_keeps_only_labels_that_pass_the_vo
         "dataset.train_per_iteration=48",
         "dataset.test_levels=[1,2,3]",
         "dataset.test_per_level=8",
-        "method.rounds=1",
+        "method.rounds=2",
+        "method.advance_at=1.0",
         "method.replay_min=100",
         "method.curriculum={digits:1,steps:6}",
         "method.warmstart.steps=12",
@@ -63,8 +64,17 @@ def test_one_round_labels_longer_problems_and_keeps_only_labels_that_pass_the_vo
     assert trained.get("nope") is True
 
     rows = read_jsonl(run / "metrics.jsonl")
-    assert [r["iteration"] for r in rows] == [0, 1]
-    assert {"acc/1", "acc/3", "kept", "label_accuracy"} <= set(rows[1])
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert {"acc/1", "acc/3", "kept", "label_accuracy", "agreement"} <= set(rows[1])
+    assert rows[1]["agreement"] == round(len(passing) / 48, 4), "pairs whose labels pass the vote"
+
+    # advance_at=1.0: round 2 labels 4 digits only if every round-1 pair agreed, else 3 digits again
+    again = read_jsonl(run / "iter_02" / "label" / "samples.jsonl")
+    expected = 4 if rows[1]["agreement"] >= 1.0 else 3
+    assert {r["meta"]["level"] for r in again} == {expected} and rows[2]["digits"] == expected
+    assert rows[1]["digits"] == 3
+    first = {r["prompt"] for r in labels}
+    assert not first & {r["prompt"] for r in again}, "a length labelled again gets new problems"
 
 
 def label(pair: int, swapped: bool, completion: str, answer: str = "579") -> dict:
@@ -110,21 +120,25 @@ def test_self_labels_keep_what_the_filter_passes(tmp_path, keep):
     assert counts["replayed"] == max(len(expected), 5) == len(data) - len(kept)
     right = {"vote": 1.0, "length": round(4 / 6, 4), "none": round(4 / 10, 4)}[keep]
     assert counts["label_accuracy"] == right, "only pairs 0 and 1 are right"
+    assert counts["agreement"] == 0.4, "pairs 0 and 1 pass the vote, whatever the filter keeps"
 
 
-def test_unknown_filter_is_one_line_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("method.filter=vot", "method.filter='vot' is not allowed; use one of vote, length, none"),
+        (
+            "method.advance_at=1.5",
+            "method.advance_at=1.5 is not allowed; use a fraction of label pairs in (0, 1] or null",
+        ),
+    ],
+)
+def test_bad_filter_or_advance_is_one_line_before_anything_is_written(override, expected, tmp_path):
     proc = selfimprove(
-        "run",
-        "experiment=length_gen",
-        "method.filter=vot",
-        f"run_dir={tmp_path / 'run'}",
-        cwd=tmp_path,
-        check=False,
+        "run", "experiment=length_gen", override, f"run_dir={tmp_path / 'run'}", cwd=tmp_path, check=False
     )
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and lines == [
-        "error: method.filter='vot' is not allowed; use one of vote, length, none"
-    ], proc.stderr
+    assert proc.returncode == 2 and lines == [f"error: {expected}"], proc.stderr
     assert not (tmp_path / "run").exists()
 
 

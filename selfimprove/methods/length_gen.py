@@ -4,7 +4,8 @@ M_0 <- train from scratch on gold problems of 1..N digits (reversed digits; no p
        model.position_encoding=nope, not rope_theta=inf -- docs/methods/length_gen.md),
        optionally short to long: first on 1..K digits only (method.curriculum)
 for r = 1..R:
-    P_r <- unlabelled problems of N+r digits, each asked as a+b and as b+a
+    P_r <- unlabelled problems of the next length (N+r; with method.advance_at the same length again
+           until the a+b / b+a labels of round r-1 agreed on that fraction of pairs), as a+b and b+a
     L_r <- greedy labels from M_{r-1}, filtered (method.filter): vote = the length is right and
            M_{r-1} gives the same label for b+a; length = the length alone; none = every label
     M_r <- SFT(M_{r-1}, L_r + as many older examples: gold 1..N problems, and with method.history
@@ -45,6 +46,10 @@ def length_gen(cfg: DictConfig, run: Run) -> None:
     dataset = tasks.spec(cfg.dataset)
     if m.filter not in FILTERS:
         raise ConfigError(f"method.filter={m.filter!r} is not allowed; use one of {', '.join(FILTERS)}")
+    if m.advance_at is not None and not 0.0 < m.advance_at <= 1.0:
+        raise ConfigError(
+            f"method.advance_at={m.advance_at} is not allowed; use a fraction of label pairs in (0, 1] or null"
+        )
 
     curriculum = short_to_long(m.curriculum)
     base = run.stage("init", init_model, model=cfg.model, seed=cfg.seed)
@@ -78,9 +83,15 @@ def length_gen(cfg: DictConfig, run: Run) -> None:
         ),
     )
     earlier: list[Artifact] = []  # the filter stages of the rounds so far (method.history)
+    digits = max(dataset["seed_levels"])  # the length labelled last
     for it in run.iterations(m.rounds):
         seed = cfg.seed * 1000 + it.index
-        prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index)
+        if not earlier or advances(earlier[-1], m.advance_at):
+            digits += 1
+        # the round's length is passed only when it is not N + r, so runs without advance_at keep
+        # their fingerprints
+        held = {} if digits == max(dataset["seed_levels"]) + it.index else {"digits": digits}
+        prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index, **held)
         labels = it.stage(
             "label",
             generate,
@@ -108,7 +119,17 @@ def length_gen(cfg: DictConfig, run: Run) -> None:
             it.index,
             it.stage("eval", evaluate, model=model, dataset=dataset, generator=gen, hardware=hw, seed=seed),
             data,
+            digits=digits,
         )
+
+
+def advances(filtered: Artifact, advance_at: float | None) -> bool:
+    """Whether the round after ``filtered`` labels the next length: always with ``advance_at`` null
+    (Lee et al.: one length per round), else once the model's a+b and b+a labels of the current
+    length agreed on at least that fraction of pairs -- a label-free sign that the length is learnt.
+    A round not yet computed (``selfimprove status``'s plan) counts as advancing."""
+    agreement = filtered.summary().get("agreement")
+    return advance_at is None or agreement is None or agreement >= advance_at
 
 
 def short_to_long(node) -> DictConfig | None:
@@ -131,7 +152,7 @@ def short_to_long(node) -> DictConfig | None:
 FILTERS = ("vote", "length", "none")
 
 
-@stage(name="self_labels", version=3)
+@stage(name="self_labels", version=4)
 def self_labels(
     out: Path,
     labels: Artifact,
@@ -154,13 +175,14 @@ def self_labels(
     pairs: dict[int, dict[bool, dict]] = defaultdict(dict)
     for r in read_jsonl(labels.file("samples.jsonl")):
         pairs[r["meta"]["pair"]][r["meta"]["swapped"]] = r
-    kept, kept_pairs = [], 0
+    kept, kept_pairs, agreeing = [], 0, 0
     for pair in pairs.values():
         label = pair[False]["completion"].strip()
         lengths = pair[False]["meta"]["label_lengths"]
-        if keep != "none" and (not label.isdigit() or len(label) not in lengths):
-            continue
-        if keep == "vote" and pair.get(True, {}).get("completion", "").strip() != label:
+        right_length = label.isdigit() and len(label) in lengths
+        agrees = right_length and pair.get(True, {}).get("completion", "").strip() == label
+        agreeing += agrees
+        if (keep == "length" and not right_length) or (keep == "vote" and not agrees):
             continue
         kept += [{**r, "completion": label} for r in pair.values()]  # both orders share the label
         kept_pairs += 1
@@ -183,6 +205,8 @@ def self_labels(
         "labelled": len(pairs),
         "kept": kept_pairs,
         "label_accuracy": round(correct / len(kept), 4) if kept else 0.0,
+        # pairs whose labels pass the vote, whatever ``keep`` is (method.advance_at reads it)
+        "agreement": round(agreeing / len(pairs), 4) if pairs else 0.0,
         "replayed": len(replayed),
         "examples": len(data),
     }

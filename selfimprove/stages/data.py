@@ -11,9 +11,13 @@ from selfimprove.engine.pipeline import Artifact, read_jsonl, stage, write_jsonl
 
 
 @stage(name="task_prompts", version=1)
-def task_prompts(out: Path, dataset: dict, iteration: int) -> dict:
-    """Stage: the unlabelled train prompts of one iteration (answers only, no rationales)."""
-    records = tasks.load(dataset).train_prompts(iteration)
+def task_prompts(out: Path, dataset: dict, iteration: int, digits: int | None = None) -> dict:
+    """Stage: the unlabelled train prompts of one iteration (answers only, no rationales); ``digits``
+    asks a task with lengths (reversed_addition) for another length than the iteration's."""
+    task = tasks.load(dataset)
+    records = (
+        task.train_prompts(iteration) if digits is None else task.train_prompts(iteration, digits=digits)
+    )
     write_jsonl(out / "prompts.jsonl", records)
     return {"prompts": len(records)}
 

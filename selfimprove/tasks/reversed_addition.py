@@ -150,8 +150,10 @@ class ReversedAddition(Task):
                 out.append(self._record(a, b, "seed", len(out), gold=True))
         return out
 
-    def train_prompts(self, iteration: int) -> list[dict]:
-        digits = max(self.cfg["seed_levels"]) + iteration
+    def train_prompts(self, iteration: int, digits: int | None = None) -> list[dict]:
+        """Iteration r's problems: both operands max(seed_levels) + r digits, or ``digits`` (a
+        length_gen round that labels a length again: method.advance_at)."""
+        digits = digits or max(self.cfg["seed_levels"]) + iteration
         key = f"reversed-train-{self.cfg['seed']}-{iteration}"
         out = []
         for i, (a, b) in enumerate(self._pairs(key, digits, self.cfg["train_per_iteration"])):
