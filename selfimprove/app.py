@@ -44,7 +44,12 @@ OmegaConf.register_new_resolver("run_path", run_path, replace=True)
 #: config keys added after runs were made, with the value that means what those runs did: while a
 #: key holds it, it is left out of every fingerprint, so those runs keep their stages
 #: (engine.pipeline.fingerprint_of, ``KEY=VALUE``)
-ADDED_KEYS = {"model.position_encoding": "rope", "model.characters": None, "model.init_seed": None}
+ADDED_KEYS = {
+    "model.position_encoding": "rope",
+    "model.characters": None,
+    "model.init_seed": None,
+    "train.lr_scheduler_kwargs": None,
+}
 
 
 def fingerprint_neutral() -> frozenset[str]:

@@ -292,6 +292,9 @@ class Train:
     micro_batch_size: int = MISSING
     lr: float = MISSING
     lr_scheduler: str = MISSING
+    # keyword arguments of the scheduler (transformers' lr_scheduler_kwargs), e.g. warmup_stable_decay's
+    # {num_decay_steps: 500, min_lr_ratio: 0.01} or cosine_with_min_lr's {min_lr_rate: 0.01}; None = none
+    lr_scheduler_kwargs: Any = None
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_length: int = MISSING

@@ -32,8 +32,13 @@ def test_one_round_labels_longer_problems_and_keeps_only_labels_that_pass_the_vo
         "method.curriculum={digits:1,steps:6}",
         "method.warmstart.steps=12",
         "method.warmstart.batch_size=16",
+        # Lee et al.'s schedules: warmup-stable-decay from scratch, each round decayed to a floor
+        "method.warmstart.lr_scheduler=warmup_stable_decay",
+        "method.warmstart.lr_scheduler_kwargs={num_decay_steps:6,min_lr_ratio:0.1}",
         "method.train.steps=4",
         "method.train.batch_size=16",
+        "method.train.lr_scheduler=cosine_with_min_lr",
+        "method.train.lr_scheduler_kwargs={min_lr_rate:0.5}",
         f"run_dir={run}",
         cwd=tmp_path,
     )
@@ -62,6 +67,19 @@ def test_one_round_labels_longer_problems_and_keeps_only_labels_that_pass_the_vo
     # the experiment's NoPE flag survives TRL's save of every trained model (load_model zeroes on it)
     trained = json.loads((run / "iter_01" / "train" / "model" / "config.json").read_text())
     assert trained.get("nope") is True
+
+    # the schedulers got their keyword arguments (TRL logs the learning rate of every step here)
+    def rates(stage: str) -> list[float]:
+        history = json.loads((run / stage / "log_history.json").read_text())
+        return [h["learning_rate"] for h in history if "learning_rate" in h]
+
+    cfg = compose_cfg(["experiment=length_gen"])
+    peak = cfg.method.warmstart.lr
+    warm = rates("warmstart/train")
+    assert len(warm) == 12 and warm[:6] == [peak] * 6, "stable at the peak for the first 6 steps"
+    assert 0.1 * peak <= warm[-1] < 0.5 * peak, "then decayed towards 10 % of the peak"
+    round_rates = rates("iter_01/train")
+    assert len(round_rates) == 4 and min(round_rates) >= 0.5 * round_rates[0] - 1e-12, "floor at 50 %"
 
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1, 2]

@@ -98,6 +98,7 @@ def trainer_args(train: dict, hardware: dict, out: Path, seed: int) -> dict:
         gradient_accumulation_steps=accumulation,
         learning_rate=train["lr"],
         lr_scheduler_type=train["lr_scheduler"],
+        **({"lr_scheduler_kwargs": dict(kwargs)} if (kwargs := train.get("lr_scheduler_kwargs")) else {}),
         warmup_steps=int(train["warmup_ratio"] * train["steps"]),
         weight_decay=train["weight_decay"],
         logging_steps=max(1, train["steps"] // 10),
