@@ -49,6 +49,7 @@ ADDED_KEYS = {
     "model.characters": None,
     "model.init_seed": None,
     "train.lr_scheduler_kwargs": None,
+    "train.carry_optimizer": False,
 }
 
 

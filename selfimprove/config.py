@@ -297,6 +297,9 @@ class Train:
     lr_scheduler_kwargs: Any = None
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
+    # keep the AdamW moments with the trained model and start the next train stage of that model
+    # from them (Lee et al. resume each round's optimizer); one process, full fine-tuning only
+    carry_optimizer: bool = False
     max_length: int = MISSING
     # a Lora node or None; typed Any because OmegaConf cannot merge a dict override into a None
     # structured node (checked in training/sft.py:lora_config against Lora's fields)

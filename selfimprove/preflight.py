@@ -107,10 +107,17 @@ def check_trainers(cfg: DictConfig, planned: Run) -> None:
     for status in planned.plan:
         if trainer_kind(status) is None:
             continue
+        train, hardware = status.inputs["train"], status.inputs["hardware"]
         try:
-            launch.batch_split(status.inputs["train"], status.inputs["hardware"])
+            launch.batch_split(train, hardware)
         except ConfigError as err:
             raise ConfigError(f"{status.name}: {err}") from None
+        if train.get("carry_optimizer") and (train.get("lora") or launch.processes(hardware) > 1):
+            raise ConfigError(
+                f"{status.name}: train.carry_optimizer=true keeps one process's full-model AdamW state, "
+                f"and this stage trains {'a LoRA adapter' if train.get('lora') else 'in several processes'}; "
+                "set carry_optimizer=false, or train on one process without LoRA"
+            )
 
 
 def missing_packages(planned: Run) -> list[str]:

@@ -103,6 +103,12 @@ REFUSED = [
     Case("0 kept per prompt", ["method.max_per_prompt=0"], 2, "method.max_per_prompt=0"),
     Case("fraction above 1", ["method.warmstart_hint_fraction=1.5"], 2, "method.warmstart_hint_fraction=1.5"),
     Case("0 processes", ["hardware.num_processes=0"], 2, "hardware.num_processes=0"),
+    Case(
+        "carried optimizer over 2 processes",
+        ["method.train.carry_optimizer=true", "hardware.accelerate=ddp", "hardware.num_processes=2"],
+        2,
+        "iter_01/train: train.carry_optimizer=true keeps one process's full-model AdamW state",
+    ),
     Case("checkpoint every -5 steps", ["hardware.checkpoint_steps=-5"], 2, "hardware.checkpoint_steps=-5"),
     Case("0-digit test level", ["dataset.test_levels=[0,2]"], 2, "dataset.test_levels=[0, 2]"),
     Case(

@@ -39,6 +39,7 @@ def test_one_round_labels_longer_problems_and_keeps_only_labels_that_pass_the_vo
         "method.train.batch_size=16",
         "method.train.lr_scheduler=cosine_with_min_lr",
         "method.train.lr_scheduler_kwargs={min_lr_rate:0.5}",
+        "method.train.carry_optimizer=true",
         f"run_dir={run}",
         cwd=tmp_path,
     )
@@ -80,6 +81,17 @@ def test_one_round_labels_longer_problems_and_keeps_only_labels_that_pass_the_vo
     assert 0.1 * peak <= warm[-1] < 0.5 * peak, "then decayed towards 10 % of the peak"
     round_rates = rates("iter_01/train")
     assert len(round_rates) == 4 and min(round_rates) >= 0.5 * round_rates[0] - 1e-12, "floor at 50 %"
+
+    # the rounds carry AdamW's moments: round 1 starts fresh (the warm start kept none), round 2
+    # from round 1's, so its state has counted the steps of both rounds
+    import torch
+
+    assert not (run / "warmstart" / "train" / "model" / "optimizer.pt").exists()
+    steps = [
+        {int(s["step"]) for s in torch.load(run / it / "train" / "model" / "optimizer.pt")["state"].values()}
+        for it in ("iter_01", "iter_02")
+    ]
+    assert steps == [{4}, {8}]
 
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1, 2]

@@ -292,10 +292,13 @@ def fine_tune(
         peft_config=peft_config,
     )
     quiet_trainer(trainer)
+    carried = train.get("carry_optimizer") and carry_optimizer(trainer, model)
     resumed_from = train_resuming(trainer, out)
     saved = save_trained(trainer, tokenizer, out)
     if not trainer.is_world_process_zero():
         return {}
+    if train.get("carry_optimizer"):
+        torch.save(trainer.optimizer.state_dict(), out / "model" / OPTIMIZER_STATE)
     meta = {"chat_template": chat}
     if peft_config is not None:  # the stage folder is renamed into place, so a relative path holds
         meta["adapter_base"] = os.path.relpath(model.path, out)
@@ -306,8 +309,29 @@ def fine_tune(
         **(counts(kept) if counts else {}),
         "lora": peft_config is not None,
         "resumed_from": resumed_from,
+        **({"carried_optimizer": bool(carried)} if train.get("carry_optimizer") else {}),
         **saved,
     }
+
+
+#: the AdamW state a train stage with train.carry_optimizer keeps beside its model's weights
+OPTIMIZER_STATE = "optimizer.pt"
+
+
+def carry_optimizer(trainer, model: Artifact) -> bool:
+    """Start the trainer's optimizer from the moments ``model``'s own train stage kept (a model with
+    none, e.g. the initial one, starts fresh). Only the per-parameter state is taken: the learning
+    rate, weight decay and schedule are this stage's. Returns whether a state was loaded."""
+    import torch
+
+    state = model.file(f"model/{OPTIMIZER_STATE}")
+    if not state.exists():
+        return False
+    trainer.create_optimizer()
+    fresh = trainer.optimizer.state_dict()
+    kept = torch.load(state, weights_only=True)
+    trainer.optimizer.load_state_dict({"state": kept["state"], "param_groups": fresh["param_groups"]})
+    return True
 
 
 @stage(name="sft", version=2, resumable=True)
