@@ -146,6 +146,27 @@ def test_standard_error_per_seed_rows_and_lower_is_better(sweep, tmp_path):
     ]
 
 
+def test_initial_weight_draws_are_seeds_of_one_setting(tmp_path):
+    """model.init_seed (a draw of the initial weights) is averaged over like the seed, and each
+    per-seed row names both."""
+    for init, accs in ((0, [0.2, 0.4]), (1, [0.4, 0.8])):
+        fake_run(tmp_path / f"i{init}", "false", 0, accs)
+        cfg = yaml.safe_load((tmp_path / f"i{init}" / "config.yaml").read_text())
+        (tmp_path / f"i{init}" / "config.yaml").write_text(
+            yaml.safe_dump({**cfg, "model": {"init_seed": init}})
+        )
+        overrides = yaml.safe_load((tmp_path / f"i{init}" / "overrides.yaml").read_text())
+        (tmp_path / f"i{init}" / "overrides.yaml").write_text(
+            yaml.safe_dump([*overrides, f"model.init_seed={init}"])
+        )
+    text, _, _ = report(tmp_path, "md", tmp_path / "out", per_seed=True)
+    assert text.splitlines()[4:] == [
+        "| all runs | 2 | 30.0 ± 14.1 | 60.0 ± 28.3 | 30.0 ± 14.1 | 0.30 ± 0.14 |",
+        "| ↳ seed=0, init 0 |  | 20.0 | 40.0 | 20.0 | 0.20 |",
+        "| ↳ seed=0, init 1 |  | 40.0 | 80.0 | 40.0 | 0.40 |",
+    ]
+
+
 #: every character LaTeX treats specially, and the non-ASCII ones our titles use
 NASTY = r"{r: 8, alpha: 16} & 50% $5 #1 a_b ~c ^d \e <f> |g"
 

@@ -92,8 +92,9 @@ def find_runs(path: Path) -> list[RunResult]:
     from selfimprove.app import keys_outside_run_identity  # the run-identity keys live in conf/
 
     runs = []
-    # not a setting: the seed (averaged over) and keys that do not change results
-    not_settings = keys_outside_run_identity() | {"seed", "hydra.sweep.dir"}
+    # not a setting: the seeds (averaged over: the run's, and model.init_seed, a draw of the initial
+    # weights) and keys that do not change results
+    not_settings = keys_outside_run_identity() | {"seed", "model.init_seed", "hydra.sweep.dir"}
     for run in found:
         overrides = (
             OmegaConf.to_container(OmegaConf.load(run / "overrides.yaml"))
@@ -110,10 +111,17 @@ def find_runs(path: Path) -> list[RunResult]:
         # a null value (a metric a method writes only where it applies) counts as missing
         rows = {r["iteration"]: {k: v for k, v in r.items() if v is not None} for r in metrics_of(run)}
         if rows:
-            runs.append(RunResult(run, setting, rows, layout, str(cfg["seed"]) if "seed" in cfg else "?"))
+            runs.append(RunResult(run, setting, rows, layout, seed_label(cfg)))
     if not runs:
         raise ConfigError(f"{path} holds no finished iteration yet; run the command first")
     return runs
+
+
+def seed_label(cfg) -> str:
+    """A run's seeds as its per-seed row names them: ``0``, or ``0, init 3`` with model.init_seed."""
+    seed = str(cfg["seed"]) if "seed" in cfg else "?"
+    init = (cfg.get("model") or {}).get("init_seed") if cfg else None
+    return seed if init is None else f"{seed}, init {init}"
 
 
 def metrics_of(run: Path) -> list[dict]:
