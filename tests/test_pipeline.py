@@ -322,10 +322,10 @@ def test_a_new_optional_parameter_keeps_finished_runs(tmp_path, monkeypatch):
     whether the call leaves shuffle out or passes its default; another value recomputes. An input
     equal to its default counts only with the default's type (1 is not the default True)."""
     monkeypatch.setattr(pipeline, "STAGES", dict(STAGES))
-    old = "def task_prompts(out: Path, dataset: dict, iteration: int) -> dict:"
+    old = "def task_prompts(out: Path, dataset: dict, iteration: int, digits: int | None = None) -> dict:"
     source = Path(data.__file__).read_text()
     assert old in source
-    new = old.replace("iteration: int)", "iteration: int, shuffle: bool = False)")
+    new = old.replace("= None)", "= None, shuffle: bool = False)")
     grown = load_copy(tmp_path / "grown_stages.py", source.replace(old, new)).task_prompts
 
     with quiet_run(tmp_path / "run") as run:
