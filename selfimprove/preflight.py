@@ -107,17 +107,37 @@ def check_trainers(cfg: DictConfig, planned: Run) -> None:
     for status in planned.plan:
         if trainer_kind(status) is None:
             continue
-        train, hardware = status.inputs["train"], status.inputs["hardware"]
         try:
-            launch.batch_split(train, hardware)
+            launch.batch_split(status.inputs["train"], status.inputs["hardware"])
         except ConfigError as err:
             raise ConfigError(f"{status.name}: {err}") from None
-        if train.get("carry_optimizer") and (train.get("lora") or launch.processes(hardware) > 1):
-            raise ConfigError(
-                f"{status.name}: train.carry_optimizer=true keeps one process's full-model AdamW state, "
-                f"and this stage trains {'a LoRA adapter' if train.get('lora') else 'in several processes'}; "
-                "set carry_optimizer=false, or train on one process without LoRA"
-            )
+    check_carried_optimizers(planned)
+
+
+#: the stages (by registered name) that train through training/sft.py:fine_tune, which carries the
+#: optimizer state with train.carry_optimizer; any other training stage would ignore the setting
+CARRIES_OPTIMIZER = {"sft", "spc_offline_rl"}
+
+
+def check_carried_optimizers(planned: Run) -> None:
+    """train.carry_optimizer only where it is done: a fine_tune stage, full weights, one process."""
+    for status in planned.plan:
+        train = status.inputs.get("train")
+        if not isinstance(train, dict) or not train.get("carry_optimizer"):
+            continue
+        name = status.fn.stage_name if status.fn is not None else None
+        if name not in CARRIES_OPTIMIZER:
+            why = f"its trainer ({name}) does not carry optimizer state"
+        elif train.get("lora"):
+            why = "it trains a LoRA adapter"
+        elif launch.processes(status.inputs["hardware"]) > 1:
+            why = "it trains in several processes"
+        else:
+            continue
+        raise ConfigError(
+            f"{status.name}: train.carry_optimizer=true keeps one process's full-model AdamW state "
+            f"in supervised fine-tuning, and {why}; set carry_optimizer=false there"
+        )
 
 
 def missing_packages(planned: Run) -> list[str]:

@@ -107,7 +107,15 @@ REFUSED = [
         "carried optimizer over 2 processes",
         ["method.train.carry_optimizer=true", "hardware.accelerate=ddp", "hardware.num_processes=2"],
         2,
-        "iter_01/train: train.carry_optimizer=true keeps one process's full-model AdamW state",
+        "iter_01/train: train.carry_optimizer=true keeps one process's full-model AdamW state in supervised "
+        "fine-tuning, and it trains in several processes",
+    ),
+    Case(
+        "carried optimizer in DPO",
+        ["method=spin", "method.train.carry_optimizer=true"],
+        2,
+        "train.carry_optimizer=true keeps one process's full-model AdamW state in supervised fine-tuning, "
+        "and its trainer (dpo) does not carry optimizer state",
     ),
     Case("checkpoint every -5 steps", ["hardware.checkpoint_steps=-5"], 2, "hardware.checkpoint_steps=-5"),
     Case("0-digit test level", ["dataset.test_levels=[0,2]"], 2, "dataset.test_levels=[0, 2]"),

@@ -83,14 +83,15 @@ def length_gen(cfg: DictConfig, run: Run) -> None:
         ),
     )
     earlier: list[Artifact] = []  # the filter stages of the rounds so far (method.history)
-    digits = max(dataset["seed_levels"])  # the length labelled last
+    longest_gold = max(dataset["seed_levels"])
+    digits = longest_gold  # the length labelled last
     for it in run.iterations(m.rounds):
         seed = cfg.seed * 1000 + it.index
         if not earlier or advances(earlier[-1], m.advance_at):
             digits += 1
-        # the round's length is passed only when it is not N + r, so runs without advance_at keep
-        # their fingerprints
-        held = {} if digits == max(dataset["seed_levels"]) + it.index else {"digits": digits}
+        # the round's length is passed only when it is not N + r (the task's own choice for round r),
+        # so the same problems keep one fingerprint with or without advance_at
+        held = {} if digits == longest_gold + it.index else {"digits": digits}
         prompts = it.stage("prompts", task_prompts, dataset=dataset, iteration=it.index, **held)
         labels = it.stage(
             "label",

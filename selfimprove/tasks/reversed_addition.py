@@ -153,7 +153,7 @@ class ReversedAddition(Task):
     def train_prompts(self, iteration: int, digits: int | None = None) -> list[dict]:
         """Iteration r's problems: both operands max(seed_levels) + r digits, or ``digits`` (a
         length_gen round that labels a length again: method.advance_at)."""
-        digits = digits or max(self.cfg["seed_levels"]) + iteration
+        digits = max(self.cfg["seed_levels"]) + iteration if digits is None else digits
         key = f"reversed-train-{self.cfg['seed']}-{iteration}"
         out = []
         for i, (a, b) in enumerate(self._pairs(key, digits, self.cfg["train_per_iteration"])):

@@ -292,12 +292,13 @@ def fine_tune(
         peft_config=peft_config,
     )
     quiet_trainer(trainer)
-    carried = train.get("carry_optimizer") and carry_optimizer(trainer, model)
+    carry = bool(train.get("carry_optimizer"))  # one process, full weights: preflight.py checks it
+    carried = carry and carry_optimizer(trainer, model)
     resumed_from = train_resuming(trainer, out)
     saved = save_trained(trainer, tokenizer, out)
     if not trainer.is_world_process_zero():
         return {}
-    if train.get("carry_optimizer"):
+    if carry:
         torch.save(trainer.optimizer.state_dict(), out / "model" / OPTIMIZER_STATE)
     meta = {"chat_template": chat}
     if peft_config is not None:  # the stage folder is renamed into place, so a relative path holds
@@ -309,7 +310,7 @@ def fine_tune(
         **(counts(kept) if counts else {}),
         "lora": peft_config is not None,
         "resumed_from": resumed_from,
-        **({"carried_optimizer": bool(carried)} if train.get("carry_optimizer") else {}),
+        **({"carried_optimizer": carried} if carry else {}),
         **saved,
     }
 
