@@ -297,7 +297,7 @@ def parallel_jobs(overrides: list[str], jobs: list) -> list[str]:
     where = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.sweep.dir=")), None)
     print(
         f"sweep: {len(jobs)} jobs, {at_once} at a time with {threads} thread{'s' * (threads > 1)} each "
-        "(hydra/launcher=basic: one after another)",
+        "(hydra/launcher=basic runs them one after another)",
         flush=True,
     )
     launcher = local_sweep.overrides_for(at_once, threads, where or sweep_dir(overrides))

@@ -340,6 +340,8 @@ class LengthGen:
     history: bool = MISSING
     replay_min: int = MISSING
     advance_at: float | None = None
+    vote_draws: list[int] = field(default_factory=list)
+    majority: float = 0.7
     # a Curriculum or None; typed Any like Train.lora (OmegaConf cannot merge a dict into a None
     # structured node), checked by methods/length_gen.py against Curriculum's fields
     curriculum: Any = None

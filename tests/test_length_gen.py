@@ -156,20 +156,162 @@ def test_self_labels_keep_what_the_filter_passes(tmp_path, keep):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("method.filter=vot", "method.filter='vot' is not allowed; use one of vote, length, none"),
+        ("method.filter=vot", "method.filter='vot' is not allowed; use one of vote, length, none, majority"),
         (
             "method.advance_at=1.5",
             "method.advance_at=1.5 is not allowed; use a fraction of label pairs in (0, 1] or null",
+        ),
+        (
+            "method.vote_draws=[1,2]",
+            "method.vote_draws=[1, 2] is used only by method.filter=majority; "
+            "set method.filter=majority or drop method.vote_draws",
+        ),
+        (
+            "method.filter=majority",
+            "method.filter=majority needs the initial draws of other models in method.vote_draws "
+            "(this run's is 0), e.g. method.vote_draws=[0,1,2]",
+        ),
+        (
+            "method.filter=majority method.vote_draws=[0] model.init_seed=0",
+            "method.filter=majority needs the initial draws of other models in method.vote_draws "
+            "(this run's is 0), e.g. method.vote_draws=[0,1,2]",
+        ),
+        (
+            "method.filter=majority method.vote_draws=[0,1] method.majority=0",
+            "method.majority=0.0 is not allowed; use a fraction of the models in (0, 1]",
         ),
     ],
 )
 def test_bad_filter_or_advance_is_one_line_before_anything_is_written(override, expected, tmp_path):
     proc = selfimprove(
-        "run", "experiment=length_gen", override, f"run_dir={tmp_path / 'run'}", cwd=tmp_path, check=False
+        "run",
+        "experiment=length_gen",
+        *override.split(),
+        f"run_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        check=False,
     )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and lines == [f"error: {expected}"], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_majority_vote_with_a_hub_model_is_one_line_before_anything_is_written(tmp_path):
+    """A hub model has one set of weights: there are no other draws to vote."""
+    proc = selfimprove(
+        "run",
+        "method=length_gen",
+        "dataset=reversed_addition",
+        "model=qwen0.5b",
+        "method.filter=majority",
+        "method.vote_draws=[0,1]",
+        f"run_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: method.filter=majority votes across models of different initial draws; "
+        "model.source='hub' loads one set of weights. Use a model built here (model=tiny)"
+    ], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_majority_keeps_the_label_most_models_give(tmp_path):
+    """Lee et al.'s majority vote on hand-made a+b labels of three models (a label has 3 or 4 digits):
+    kept when at least the threshold's share of the models give it, whatever its length or b+a."""
+    first = [
+        *(label(0, False, "579"), label(0, True, "000")),  # all three agree; b+a is not asked
+        *(label(1, False, "57"), label(1, True, "57")),  # all three agree on a wrong length
+        *(label(2, False, "578"), label(2, True, "578")),  # two of three: 578 is outvoted
+        *(label(3, False, "111"), label(3, True, "111")),  # three different labels
+    ]
+    others = [
+        [label(0, False, "579"), label(1, False, "57"), label(2, False, "579"), label(3, False, "222")],
+        [label(0, False, "579"), label(1, False, "57"), label(2, False, "579"), label(3, False, "333")],
+    ]
+    folders = []
+    for name, samples in [("m0", first), ("m1", others[0]), ("m2", others[1])]:
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "samples.jsonl", samples)
+        folders.append(Artifact(name, tmp_path / name, name))
+    (tmp_path / "gold").mkdir()
+    write_jsonl(tmp_path / "gold" / "train.jsonl", [{"completion": "1", "answer": "1", "meta": {}}] * 10)
+
+    def kept_at(threshold: float) -> dict[int, str]:
+        out = tmp_path / f"out{threshold}"
+        out.mkdir()
+        counts = self_labels(
+            out,
+            folders[0],
+            Artifact("gold", tmp_path / "gold", "y"),
+            keep="majority",
+            replay_min=1,
+            seed=0,
+            voters=folders[1:],
+            majority=threshold,
+        )
+        kept = read_jsonl(out / "kept.jsonl")
+        assert counts["kept"] == len(kept) // 2, "both orders of a pair, with the majority's label"
+        return {r["meta"]["pair"]: r["completion"] for r in kept}
+
+    assert kept_at(1.0) == {0: "579", 1: "57"}
+    assert kept_at(0.6) == {0: "579", 1: "57", 2: "579"}, "2 of 3 is at least 60 %"
+    assert kept_at(0.3) == {0: "579", 1: "57", 2: "579", 3: "111"}, "a tie goes to the first model"
+
+
+def test_majority_vote_trains_each_draw_once_across_a_sweep_of_draws(tmp_path):
+    """Two runs, draws 0 and 1, voting with each other: every model labels round 1, the kept labels
+    are those both give (0.7 of 2 models), both models train on them, and the second run finds
+    every stage of both models in the store, computing only its own evaluation."""
+    store = tmp_path / "store"
+    common = [
+        "experiment=length_gen",
+        "model.num_layers=1",
+        "model.intermediate_size=128",
+        "dataset.seed_levels=[1,2]",
+        "dataset.seed_per_level=64",
+        "dataset.train_per_iteration=32",
+        "dataset.test_levels=[3]",
+        "dataset.test_per_level=8",
+        "method.rounds=1",
+        "method.replay_min=50",
+        "method.warmstart.steps=12",
+        "method.warmstart.batch_size=16",
+        "method.train.steps=3",
+        "method.train.batch_size=16",
+        "method.filter=majority",
+        "method.vote_draws=[0,1]",
+        f"store_dir={store}",
+    ]
+    first, second = tmp_path / "draw0", tmp_path / "draw1"
+    selfimprove("run", *common, "model.init_seed=0", f"run_dir={first}", cwd=tmp_path)
+
+    def a_plus_b(folder) -> dict[int, str]:
+        rows = read_jsonl(folder / "samples.jsonl")
+        return {r["meta"]["pair"]: r["completion"].strip() for r in rows if not r["meta"]["swapped"]}
+
+    own, other = a_plus_b(first / "iter_01" / "label"), a_plus_b(first / "iter_01" / "draw1" / "label")
+    assert len(own) == len(other) == 32
+    kept = read_jsonl(first / "iter_01" / "filter" / "kept.jsonl")
+    assert {r["meta"]["pair"]: r["completion"] for r in kept} == {
+        p: own[p] for p in own if own[p] == other[p]
+    }
+    assert (first / "iter_01" / "draw1" / "train" / "model").is_dir()
+    assert (first / "warmstart" / "train").resolve() != (first / "draw1" / "warmstart" / "train").resolve()
+
+    selfimprove("run", *common, "model.init_seed=1", f"run_dir={second}", cwd=tmp_path)
+    actions = {e["stage"]: e["action"] for e in read_jsonl(second / "events.jsonl")}
+    model_stages = ["init", "warmstart/train", "label", "filter", "train"]
+    both = [*model_stages, *(f"draw0/{s}" for s in model_stages if s != "filter")]
+    for name in both:
+        name = name if "warmstart" in name or name.endswith("init") else f"iter_01/{name}"
+        assert actions.get(name) == "shared", (name, actions.get(name))
+    assert {s for s, a in actions.items() if a == "computed"} == {"warmstart/eval", "iter_01/eval"}
+    # draw 1's model is the same stage whichever run trained it
+    made_first = {e["stage"]: e["fingerprint"] for e in read_jsonl(first / "events.jsonl")}
+    made_second = {e["stage"]: e["fingerprint"] for e in read_jsonl(second / "events.jsonl")}
+    assert made_second["iter_01/train"] == made_first["iter_01/draw1/train"]
+    assert made_second["iter_01/draw0/train"] == made_first["iter_01/train"]
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ for r = 1..R:
 from __future__ import annotations
 
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -52,24 +52,25 @@ def length_gen(cfg: DictConfig, run: Run) -> None:
         )
 
     curriculum = short_to_long(m.curriculum)
-    base = run.stage("init", init_model, model=cfg.model, seed=cfg.seed)
+    own_draw, other_draws = vote_draws(cfg)
+    short = None
     if curriculum:  # the digit alignment is learnt on short numbers first (see method.curriculum)
-        short = {**dataset, "seed_levels": [n for n in dataset["seed_levels"] if n <= curriculum.digits]}
-        base = run.stage(
-            "warmstart/short",
-            sft,
-            model=base,
-            data=run.stage(
-                "warmstart/short_data", seed_data, dataset=short, hint_fraction=0.0, seed=cfg.seed
-            ),
-            train={**m.warmstart, "steps": curriculum.steps},
-            hardware=hw,
+        levels = [n for n in dataset["seed_levels"] if n <= curriculum.digits]
+        short = run.stage(
+            "warmstart/short_data",
+            seed_data,
+            dataset={**dataset, "seed_levels": levels},
+            hint_fraction=0.0,
             seed=cfg.seed,
         )
     seeds = run.stage("warmstart/data", seed_data, dataset=dataset, hint_fraction=0.0, seed=cfg.seed)
-    model = run.stage(
-        "warmstart/train", sft, model=base, data=seeds, train=m.warmstart, hardware=hw, seed=cfg.seed
-    )
+    model = warm_start(run, cfg, seeds, short, cfg.model)
+    # Lee et al.'s majority vote: models from other initial draws label each round too and train on
+    # the same kept labels (the same stages as those draws' own runs, so a sweep's store shares them)
+    voters = {
+        d: warm_start(run, cfg, seeds, short, OmegaConf.merge(cfg.model, {"init_seed": d}), f"draw{d}/")
+        for d in other_draws
+    }
     run.record(
         0,
         run.stage(
@@ -103,25 +104,102 @@ def length_gen(cfg: DictConfig, run: Run) -> None:
             hardware=hw,
             seed=seed,
         )
+        voted = {
+            d: it.stage(
+                f"draw{d}/label",
+                generate,
+                model=voters[d],
+                prompts=prompts,
+                sampling=m.labelling,
+                generator=gen,
+                hardware=hw,
+                seed=seed,
+            )
+            for d in other_draws
+        }
+        # the label sets in draw order, whichever run this is, so every draw's run makes the same stage
+        in_order = [voted.get(d, labels) for d in sorted({own_draw, *other_draws})]
+        majority = {"voters": in_order[1:], "majority": m.majority} if m.filter == "majority" else {}
         data = it.stage(
             "filter",
             self_labels,
-            labels=labels,
+            labels=in_order[0],
             replay=seeds,
             keep=m.filter,
             replay_min=m.replay_min,
             seed=seed,
             earlier=list(earlier) if m.history else [],
             gold_weight=len(dataset["seed_levels"]),
+            **majority,
         )
         earlier.append(data)
         model = it.stage("train", sft, model=model, data=data, train=m.train, hardware=hw, seed=seed)
+        for d in other_draws:
+            voters[d] = it.stage(
+                f"draw{d}/train", sft, model=voters[d], data=data, train=m.train, hardware=hw, seed=seed
+            )
         run.record(
             it.index,
             it.stage("eval", evaluate, model=model, dataset=dataset, generator=gen, hardware=hw, seed=seed),
             data,
             digits=digits,
         )
+
+
+def warm_start(
+    run: Run, cfg: DictConfig, seeds: Artifact, short: Artifact | None, model_cfg, prefix: str = ""
+):
+    """The model of ``model_cfg``'s initial draw trained from scratch on the gold lengths (``seeds``),
+    first on the short ones (``short``: method.curriculum) if given; ``prefix`` names the stages of
+    a voting model."""
+    m, hw = cfg.method, cfg.hardware
+    model = run.stage(f"{prefix}init", init_model, model=model_cfg, seed=cfg.seed)
+    if short is not None:
+        steps = {**m.warmstart, "steps": m.curriculum.steps}
+        model = run.stage(
+            f"{prefix}warmstart/short", sft, model=model, data=short, train=steps, hardware=hw, seed=cfg.seed
+        )
+    return run.stage(
+        f"{prefix}warmstart/train",
+        sft,
+        model=model,
+        data=seeds,
+        train=m.warmstart,
+        hardware=hw,
+        seed=cfg.seed,
+    )
+
+
+def vote_draws(cfg: DictConfig) -> tuple[int, list[int]]:
+    """(this run's initial draw, the other draws that vote), checked: method.filter=majority needs
+    at least one other draw of a model built here (a hub model has one set of weights), and
+    method.vote_draws means nothing under another filter."""
+    m = cfg.method
+    own = cfg.model.get("init_seed")
+    own = cfg.seed if own is None else own
+    others = sorted(set(m.vote_draws) - {own})
+    if m.filter != "majority":
+        if m.vote_draws:
+            raise ConfigError(
+                f"method.vote_draws={list(m.vote_draws)} is used only by method.filter=majority; "
+                "set method.filter=majority or drop method.vote_draws"
+            )
+        return own, []
+    if cfg.model.source != "tiny":
+        raise ConfigError(
+            f"method.filter=majority votes across models of different initial draws; model.source="
+            f"{cfg.model.source!r} loads one set of weights. Use a model built here (model=tiny)"
+        )
+    if not others:
+        raise ConfigError(
+            "method.filter=majority needs the initial draws of other models in method.vote_draws "
+            f"(this run's is {own}), e.g. method.vote_draws=[0,1,2]"
+        )
+    if not 0.0 < m.majority <= 1.0:
+        raise ConfigError(
+            f"method.majority={m.majority} is not allowed; use a fraction of the models in (0, 1]"
+        )
+    return own, others
 
 
 def advances(filtered: Artifact, advance_at: float | None) -> bool:
@@ -150,7 +228,7 @@ def short_to_long(node) -> DictConfig | None:
 
 
 #: method.filter: which self-labels a round keeps
-FILTERS = ("vote", "length", "none")
+FILTERS = ("vote", "length", "none", "majority")
 
 
 @stage(name="self_labels", version=4)
@@ -163,6 +241,8 @@ def self_labels(
     seed: int,
     earlier: list[Artifact] = (),
     gold_weight: int = 1,
+    voters: list[Artifact] = (),
+    majority: float = 1.0,
 ) -> dict:
     """Stage: keep the model's own labels that pass ``keep`` (``length``: as many digits as the task
     says a label can have, ``meta.label_lengths``: n or n+1, n+1 with zero-padded answers; ``vote``:
@@ -172,18 +252,29 @@ def self_labels(
     half is gold problems, or, with ``earlier`` rounds (method.history), gold problems and those
     rounds' kept labels drawn with weights ``gold_weight`` : 1 : 1 ... (Lee et al.'s
     get_train_dataset: the original data weighted by its number of lengths, each earlier round by 1).
+    ``majority`` (with the a+b labels of other models, ``voters``): the label most of the models give,
+    kept when at least that fraction of them give it (Lee et al.'s do_majority_vote).
     The true answers are read only to report ``label_accuracy``."""
     pairs: dict[int, dict[bool, dict]] = defaultdict(dict)
     for r in read_jsonl(labels.file("samples.jsonl")):
         pairs[r["meta"]["pair"]][r["meta"]["swapped"]] = r
+    votes = {i: [pair[False]["completion"].strip()] for i, pair in pairs.items()}
+    for other in voters:
+        for r in read_jsonl(other.file("samples.jsonl")):
+            if not r["meta"]["swapped"]:
+                votes[r["meta"]["pair"]].append(r["completion"].strip())
     kept, kept_pairs, agreeing = [], 0, 0
-    for pair in pairs.values():
+    for i, pair in pairs.items():
         label = pair[False]["completion"].strip()
         lengths = pair[False]["meta"]["label_lengths"]
         right_length = label.isdigit() and len(label) in lengths
         agrees = right_length and pair.get(True, {}).get("completion", "").strip() == label
         agreeing += agrees
-        if (keep == "length" and not right_length) or (keep == "vote" and not agrees):
+        passes = {"vote": agrees, "length": right_length}.get(keep, True)
+        if keep == "majority":
+            label, backing = Counter(votes[i]).most_common(1)[0]
+            passes = backing >= majority * len(votes[i])
+        if not passes:
             continue
         kept += [{**r, "completion": label} for r in pair.values()]  # both orders share the label
         kept_pairs += 1
