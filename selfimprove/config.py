@@ -703,6 +703,8 @@ def register_resolvers() -> None:
 
     OmegaConf.register_new_resolver("add", lambda *xs: sum(xs), replace=True)
     OmegaConf.register_new_resolver("mul", lambda *xs: math.prod(xs), replace=True)
+    # ${int:${mul:${..steps},0.25}}: a step count derived by a product
+    OmegaConf.register_new_resolver("int", lambda x: int(x), replace=True)
     # ${if:CONDITION,A,B}: A when CONDITION is true, else B
     OmegaConf.register_new_resolver("if", lambda cond, yes, no: yes if cond else no, replace=True)
     # ${sharded:${hardware.accelerate}}: whether that accelerate config shards the model's weights

@@ -32,14 +32,12 @@ def test_one_round_labels_longer_problems_and_keeps_only_labels_that_pass_the_vo
         "method.curriculum={digits:1,steps:6}",
         "method.warmstart.steps=12",
         "method.warmstart.batch_size=16",
-        # Lee et al.'s schedules: warmup-stable-decay from scratch, each round decayed to a floor
-        "method.warmstart.lr_scheduler=warmup_stable_decay",
+        # Lee et al.'s schedules (the method's default): warmup-stable-decay from scratch, each
+        # round decayed to a floor; here the floors are raised to be told apart
         "method.warmstart.lr_scheduler_kwargs={num_decay_steps:6,min_lr_ratio:0.1}",
         "method.train.steps=4",
         "method.train.batch_size=16",
-        "method.train.lr_scheduler=cosine_with_min_lr",
         "method.train.lr_scheduler_kwargs={min_lr_rate:0.5}",
-        "method.train.carry_optimizer=true",
         f"run_dir={run}",
         cwd=tmp_path,
     )
@@ -77,21 +75,21 @@ def test_one_round_labels_longer_problems_and_keeps_only_labels_that_pass_the_vo
     cfg = compose_cfg(["experiment=length_gen"])
     peak = cfg.method.warmstart.lr
     warm = rates("warmstart/train")
-    assert len(warm) == 12 and warm[:6] == [peak] * 6, "stable at the peak for the first 6 steps"
+    # 10 % warmup (2 steps), stable at the peak, the last 6 steps decayed
+    assert len(warm) == 12 and warm[:2] != [peak] * 2 and warm[2:6] == [peak] * 4, warm
     assert 0.1 * peak <= warm[-1] < 0.5 * peak, "then decayed towards 10 % of the peak"
     round_rates = rates("iter_01/train")
     assert len(round_rates) == 4 and min(round_rates) >= 0.5 * round_rates[0] - 1e-12, "floor at 50 %"
 
-    # the rounds carry AdamW's moments: round 1 starts fresh (the warm start kept none), round 2
-    # from round 1's, so its state has counted the steps of both rounds
+    # AdamW's moments are carried from stage to stage (Lee et al. resume the optimizer): the short
+    # warm start (6 steps), the warm start (12), round 1 (4) and round 2 (4) count on one state
     import torch
 
-    assert not (run / "warmstart" / "train" / "model" / "optimizer.pt").exists()
     steps = [
-        {int(s["step"]) for s in torch.load(run / it / "train" / "model" / "optimizer.pt")["state"].values()}
-        for it in ("iter_01", "iter_02")
+        {int(s["step"]) for s in torch.load(run / stage / "model" / "optimizer.pt")["state"].values()}
+        for stage in ("warmstart/short", "warmstart/train", "iter_01/train", "iter_02/train")
     ]
-    assert steps == [{4}, {8}]
+    assert steps == [{6}, {18}, {22}, {26}]
 
     rows = read_jsonl(run / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [0, 1, 2]

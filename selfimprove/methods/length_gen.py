@@ -156,6 +156,13 @@ def warm_start(
     model = run.stage(f"{prefix}init", init_model, model=model_cfg, seed=cfg.seed)
     if short is not None:
         steps = {**m.warmstart, "steps": m.curriculum.steps}
+        decay = (m.warmstart.lr_scheduler_kwargs or {}).get("num_decay_steps")
+        if decay:  # the same share of the short stage's steps is decayed
+            share = m.curriculum.steps / m.warmstart.steps
+            steps["lr_scheduler_kwargs"] = {
+                **m.warmstart.lr_scheduler_kwargs,
+                "num_decay_steps": int(decay * share),
+            }
         model = run.stage(
             f"{prefix}warmstart/short", sft, model=model, data=short, train=steps, hardware=hw, seed=cfg.seed
         )
