@@ -112,13 +112,12 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     the command line winning, as Hydra's basic sweeper does."""
     import itertools
 
-    from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     if not multirun:
         return [list(overrides)]
-    parser = OverridesParser.create()  # (called inside config_context, which compose needs)
-    hydra_cfg = compose(config_name="config", overrides=plain_overrides(overrides), return_hydra_config=True)
+    parser = OverridesParser.create()
+    hydra_cfg = command_hydra_config(overrides)
     if optuna_sweep.is_optuna(hydra_cfg.hydra.sweeper):
         optuna_sweep.check_installed()
     declared = dict(hydra_cfg.hydra.sweeper.params or {})
@@ -135,6 +134,25 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
             swept.pop(key, None)
             fixed.append(o.input_line)
     return [fixed + list(combo) for combo in itertools.product(*swept.values())]
+
+
+#: the Hydra config of each command composed so far (job_overrides and parallel_jobs both read it)
+HYDRA_CONFIGS: dict[tuple[str, ...], object] = {}
+
+
+def command_hydra_config(overrides: list[str]):
+    """The command's config with Hydra's own (sweeper, launcher), its sweeps at their first value:
+    composed once per command (a compose takes seconds)."""
+    from contextlib import nullcontext
+
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+
+    key = tuple(plain_overrides(overrides))
+    if key not in HYDRA_CONFIGS:
+        with nullcontext() if GlobalHydra.instance().is_initialized() else config_context():
+            HYDRA_CONFIGS[key] = compose(config_name="config", overrides=list(key), return_hydra_config=True)
+    return HYDRA_CONFIGS[key]
 
 
 def sweep_values(override) -> list[str]:
@@ -278,14 +296,9 @@ def run_command(args: list[str]) -> int:
 
 def parallel_jobs(overrides: list[str], jobs: list) -> list[str]:
     """The overrides that run a CPU sweep's jobs side by side (local_sweep.py), said in one line."""
-    from hydra import compose
-
     from selfimprove import local_sweep
 
-    with config_context():
-        hydra_cfg = compose(
-            config_name="config", overrides=plain_overrides(overrides), return_hydra_config=True
-        )
+    hydra_cfg = command_hydra_config(overrides)
     # an Optuna study (its own n_jobs) or a launcher an experiment file names: left as they are
     own_way = optuna_sweep.is_optuna(hydra_cfg.hydra.sweeper) or not str(
         hydra_cfg.hydra.launcher._target_
