@@ -2,14 +2,17 @@
 
 M_0 <- train from scratch on gold problems of 1..N digits (reversed digits; no positional encoding:
        model.position_encoding=nope, not rope_theta=inf -- docs/methods/length_gen.md),
+       warmup-stable-decay,
        optionally short to long: first on 1..K digits only (method.curriculum)
 for r = 1..R:
     P_r <- unlabelled problems of the next length (N+r; with method.advance_at the same length again
            until the a+b / b+a labels of round r-1 agreed on that fraction of pairs), as a+b and b+a
     L_r <- greedy labels from M_{r-1}, filtered (method.filter): vote = the length is right and
-           M_{r-1} gives the same label for b+a; length = the length alone; none = every label
+           M_{r-1} gives the same label for b+a; length = the length alone; none = every label;
+           majority = the label most models give, M_{r-1} and the models of the other initial
+           draws in method.vote_draws, each trained the same way on the same L_r
     M_r <- SFT(M_{r-1}, L_r + as many older examples: gold 1..N problems, and with method.history
-           also L_1..L_{r-1}), learning rate decayed within the round
+           also L_1..L_{r-1}), from the peak learning rate decayed within the round, AdamW resumed
     evaluate M_r on every held-out length
 """
 
