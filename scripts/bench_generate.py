@@ -37,9 +37,9 @@ engine per stage (``generator.resident=false``) and once with the resident engin
 "train" writes a new model folder: the same config and tokenizer, every weight scaled (new weights at
 the cost of a real train's write, no training). It prints each mode's wall time, their ratio and the
 engine starts, weight reloads and jobs kept: for the resident engine, its worker's own counters; for
-an engine per stage, one start per call (each child starts and shuts down its engine). On a GPU the
-resident engine loads the new weights (1 start, a reload per train); vLLM's CPU build restarts it for
-each new full model (``resident.RELOAD_ON_CPU``).
+an engine per stage, one start per call (each child starts and shuts down its engine). The resident
+engine loads each new model's weights into the running engine (1 start, a reload per train; on vLLM's
+CPU build with the tied LM head repacked, ``generation/vllm_worker.py``).
 
 ``--preset h100`` (one H100, about 8 minutes; NOT YET RUN on a GPU, so the time is an estimate): all
 three parts on the random-init 0.5B config in bfloat16 (494 M params, 0.99 GB of weights), part 1 at

