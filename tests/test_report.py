@@ -14,7 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from selfimprove.app import CONF_DIR
-from selfimprove.engine.pipeline import write_jsonl
+from selfimprove.engine.pipeline import read_jsonl, write_jsonl
 from selfimprove.engine.registry import ConfigError
 from selfimprove.engine.report import at_iteration, report, resolve_iteration
 from tests.conftest import compose_cfg
@@ -96,6 +96,15 @@ def test_cli_grid_overrides_the_layout(sweep, tmp_path):
         "method.rationalize=true,1,40,",  # no spread from one seed
     ]
     assert [p.name for p in plots] == ["acc_4.png"]
+
+
+def test_a_grid_column_of_counts_is_not_scaled_as_a_rate(sweep, tmp_path):
+    """--metrics kept: integer counts print as they are, next to rates in the table's percent scale."""
+    for run, kept in (("a", 1118), ("b", 1651)):
+        rows = [{**r, "kept": kept + r["iteration"]} for r in read_jsonl(sweep / run / "metrics.jsonl")]
+        write_jsonl(sweep / run / "metrics.jsonl", rows)
+    text, _, _ = report(sweep, "csv", tmp_path, metrics=["kept", "acc/4"], iterations=["1"])
+    assert text.splitlines()[1] == "method.rationalize=false,2,1385.5,376.888,32.5,3.53553"
 
 
 def test_a_title_names_the_iteration_of_the_runs_at_hand(sweep, tmp_path):

@@ -168,6 +168,16 @@ def at_iteration(text: str, iteration: int) -> str:
     return text.replace("{iteration}", str(iteration))
 
 
+#: a grid column of counts (e.g. ``kept``): as they are, not in the table's percent scale
+COUNT_FORMAT = {"scale": 1, "decimals": 0, "better": "none"}
+
+
+def is_count(metric: str, runs: list[RunResult]) -> bool:
+    """Whether every value the runs logged for ``metric`` is an integer (a count, not a rate)."""
+    values = [row[metric] for r in runs for row in r.rows.values() if row.get(metric) is not None]
+    return bool(values) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
 def columns_of(layout: dict, runs: list[RunResult], metrics: list[str] | None, iterations: list[str] | None):
     """The table's columns: the CLI's metric x iteration grid, else the config's list, else every
     acc/* at the first and the last iteration."""
@@ -179,7 +189,11 @@ def columns_of(layout: dict, runs: list[RunResult], metrics: list[str] | None, i
         accs = sorted((k for k in available if k.startswith("acc/")), key=lambda k: (len(k), k))
         grid_metrics = metrics or accs
         grid_its = iterations or ["first", "last"]
-        specs = [{"metric": m, "iteration": i} for m in grid_metrics for i in grid_its]
+        specs = [
+            {"metric": m, "iteration": i, **(COUNT_FORMAT if is_count(m, runs) else {})}
+            for m in grid_metrics
+            for i in grid_its
+        ]
     cols = []
     for spec in specs:
         if spec["metric"] not in available:
