@@ -189,8 +189,9 @@ def columns_of(layout: dict, runs: list[RunResult], metrics: list[str] | None, i
         accs = sorted((k for k in available if k.startswith("acc/")), key=lambda k: (len(k), k))
         grid_metrics = metrics or accs
         grid_its = iterations or ["first", "last"]
+        counts = {m for m in grid_metrics if is_count(m, runs)}
         specs = [
-            {"metric": m, "iteration": i, **(COUNT_FORMAT if is_count(m, runs) else {})}
+            {"metric": m, "iteration": i, **(COUNT_FORMAT if m in counts else {})}
             for m in grid_metrics
             for i in grid_its
         ]

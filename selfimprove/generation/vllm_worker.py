@@ -22,12 +22,11 @@ class WeightReload:
             repack_embeddings(self.model_runner.get_model())
 
 
-def repack_embeddings(model) -> int:
+def repack_embeddings(model) -> None:
     """Rebuild the CPU GEMM copy of every vocabulary embedding and LM head from its current weight
     (vLLM keeps their weight beside the packed copy: ``remove_weight=False``)."""
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
-    layers = [m for m in model.modules() if isinstance(m, VocabParallelEmbedding)]
-    for layer in layers:
-        layer.quant_method.process_weights_after_loading(layer)
-    return len(layers)
+    for layer in model.modules():
+        if isinstance(layer, VocabParallelEmbedding):
+            layer.quant_method.process_weights_after_loading(layer)
